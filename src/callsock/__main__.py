@@ -1,0 +1,7 @@
+"""``python -m callsock``: the same as the ``callsock`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

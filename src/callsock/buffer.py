@@ -1,0 +1,119 @@
+"""A call's bounded audio buffer, which also places each track on the stream's timeline.
+
+Audio is kept as mu-law (one byte a sample, half the memory of PCM) until it is flushed. The
+buffer holds at most ``capacity`` bytes across all tracks (the seed guide's 1 MiB by default):
+when a chunk would overflow it, everything buffered is handed to the ``deliver`` callback first,
+so memory per call stays bounded however long the call lasts. Delivered bytes are overwritten
+with zeros before the memory is released, since call audio is personal data.
+
+Timeline: ``media.timestamp`` is the presentation time in milliseconds from the start of the
+stream (WebSocket Messages, "media.timestamp"). A chunk that starts later than the audio so far
+ends leaves a gap, filled with mu-law silence, so a lost frame is silence, not a shift of
+everything after it. A chunk that starts earlier (an overlap, or a clock that steps back) is
+appended as it is: no audio is dropped. Frame size is never assumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from .g711 import BYTES_PER_MS, MULAW_SILENCE
+
+__all__ = ["AudioBuffer", "Deliver"]
+
+Deliver = Callable[[str, bytearray], None]
+"""Receives ``(track, mulaw)``; the bytearray is only valid during the call: keep no view of it."""
+
+_SILENCE_CHUNK: Final = bytes([MULAW_SILENCE]) * 8000
+
+
+class AudioBuffer:
+    """Buffers mu-law audio per track, on the stream's timeline, up to ``capacity`` bytes.
+
+    Args:
+        tracks: the track ids that may be added.
+        capacity: the most bytes held across all tracks before a flush.
+        deliver: called with each track's buffered bytes on a flush.
+        max_gap_ms: the longest silence one timestamp jump may insert; a longer jump is
+            clamped, which bounds what a single message can make the server write.
+    """
+
+    def __init__(
+        self,
+        tracks: Iterable[str],
+        capacity: int,
+        deliver: Deliver,
+        *,
+        max_gap_ms: int = 60_000,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least one byte")
+        self.capacity = capacity
+        self.size = 0
+        self.silence_bytes = 0
+        self.clamped_gaps = 0
+        self._deliver = deliver
+        self._max_gap = max_gap_ms * BYTES_PER_MS
+        self._buffers = {track: bytearray() for track in tracks}
+        self._positions = dict.fromkeys(self._buffers, 0)
+        # Per track, the timeline bytes a clamped jump skipped: later timestamps are read
+        # relative to the audio actually kept, so one jump is clamped once, not refilled.
+        self._skipped = dict.fromkeys(self._buffers, 0)
+
+    def add(self, track: str, timestamp_ms: int | None, data: bytes) -> None:
+        """Add a chunk of ``track`` that starts at ``timestamp_ms`` (``None``: right after the last)."""
+        if timestamp_ms is not None:
+            gap = timestamp_ms * BYTES_PER_MS - self._skipped[track] - self._positions[track]
+            if gap > 0:
+                if gap > self._max_gap:
+                    self._skipped[track] += gap - self._max_gap
+                    gap = self._max_gap
+                    self.clamped_gaps += 1
+                self.add_silence(track, gap)
+        self._append(track, data)
+
+    def add_silence(self, track: str, count: int) -> None:
+        """Append ``count`` bytes of mu-law silence to ``track``."""
+        self.silence_bytes += count
+        while count > 0:
+            chunk = min(count, len(_SILENCE_CHUNK), self.capacity)
+            self._append(track, _SILENCE_CHUNK[:chunk])
+            count -= chunk
+
+    def align(self) -> None:
+        """Pad every track with silence to the end of the longest, so all last as long as the stream."""
+        end = max(self._positions.values(), default=0)
+        for track, position in self._positions.items():
+            if position < end:
+                self.add_silence(track, end - position)
+
+    def position_ms(self, track: str) -> float:
+        """How far ``track`` reaches on the timeline, in milliseconds."""
+        return self._positions[track] / BYTES_PER_MS
+
+    def flush(self) -> None:
+        """Deliver everything buffered, then wipe and release it.
+
+        ``deliver`` should not raise (the session catches its sinks' errors); if it does, the
+        buffer is wiped all the same and the error propagates.
+        """
+        try:
+            for track, buffer in self._buffers.items():
+                if buffer:
+                    self._deliver(track, buffer)
+        finally:
+            for buffer in self._buffers.values():
+                buffer[:] = bytes(len(buffer))
+                buffer.clear()
+            self.size = 0
+
+    def _append(self, track: str, data: bytes) -> None:
+        size = len(data)
+        if self.size + size > self.capacity:
+            self.flush()
+        self._buffers[track] += data
+        self._positions[track] += size
+        self.size += size
+        if self.size >= self.capacity:
+            self.flush()

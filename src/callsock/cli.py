@@ -1,0 +1,232 @@
+"""The ``callsock`` command line.
+
+Every option of ``callsock serve`` can also come from an environment variable named
+``CALLSOCK_<OPTION>`` (``--max-calls`` is ``CALLSOCK_MAX_CALLS``); a flag given on the command line
+wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigurationError
+from .logs import configure_logging, get_logger
+from .server import CallServer
+from .settings import Settings
+
+__all__ = ["load_app", "main"]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    try:
+        parser = build_parser()
+    except _EnvError as exc:
+        print(f"callsock: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    status: int = args.command(args)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of every ``callsock`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="callsock",
+        description="A production server for Twilio Media Streams.",
+    )
+    parser.add_argument("--version", action="version", version=f"callsock {__version__}")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    return parser
+
+
+def _add_serve(commands: Any) -> None:
+    defaults = Settings()
+    serve = commands.add_parser(
+        "serve",
+        help="serve Media Streams on a WebSocket path, plus /health, /calls and /metrics",
+        description=(
+            "Serve Twilio Media Streams. Every option can also be set with an environment "
+            "variable CALLSOCK_<OPTION>, e.g. CALLSOCK_PORT=9000."
+        ),
+    )
+    serve.set_defaults(command=_serve)
+    serve.add_argument(
+        "app",
+        nargs="?",
+        default=_env("app", None),
+        metavar="APP",
+        help="your application object as module:attribute (like uvicorn), e.g. mybot:app [CALLSOCK_APP]",
+    )
+    option = _option_adder(serve)
+    option("--host", default=defaults.host, help="address to listen on")
+    option("--port", type=int, default=defaults.port, help="TCP port to listen on")
+    option("--path", default=defaults.path, help="WebSocket path; must match the <Stream url> in your TwiML")
+    option("--record-dir", type=Path, default=defaults.record_dir, help="directory of call recordings")
+    option("--no-record", flag=True, help="do not record calls")
+    option(
+        "--start-ack",
+        choices=("auto", "always", "never"),
+        default=defaults.start_ack,
+        help="answer start with the seed guide's acknowledgement: auto = only to seed-dialect starts",
+    )
+    option(
+        "--max-calls", type=int, default=defaults.max_calls, help="most connections at once; more get 1013"
+    )
+    option(
+        "--buffer-bytes",
+        type=int,
+        default=defaults.buffer_bytes,
+        help="per-call audio buffer; flushed to the recording when full",
+    )
+    option(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=defaults.log_format,
+        help="json, console, or auto: console on a terminal, json otherwise",
+    )
+    option(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=defaults.log_level,
+        help="lowest level logged; debug logs every message (never its audio)",
+    )
+
+
+def _option_adder(parser: argparse.ArgumentParser) -> Any:
+    def add(name: str, *, help: str, flag: bool = False, **kwargs: Any) -> None:
+        key = name.lstrip("-").replace("-", "_")
+        env = f"CALLSOCK_{key.upper()}"
+        if flag:
+            parser.add_argument(name, action="store_true", default=_env_flag(key), help=f"{help} [{env}]")
+            return
+        default = _env(key, kwargs.pop("default"))
+        choices = kwargs.get("choices")
+        if choices is not None and default not in choices:
+            raise _EnvError(f"{env}={default!r}: choose from {', '.join(choices)}")
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument(name, default=default, help=f"{help}{shown} [{env}]", **kwargs)
+
+    return add
+
+
+class _EnvError(Exception):
+    pass
+
+
+def _env(key: str, default: Any) -> Any:
+    """The value of ``CALLSOCK_<KEY>`` as a string (argparse applies the option's type), or ``default``."""
+    return os.environ.get(f"CALLSOCK_{key.upper()}", default)
+
+
+def _env_flag(key: str) -> bool:
+    raw = os.environ.get(f"CALLSOCK_{key.upper()}", "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise _EnvError(f"CALLSOCK_{key.upper()}={raw!r}: use 1/0, true/false, yes/no or on/off")
+
+
+def load_app(spec: str) -> object:
+    """Import the object named by ``module:attribute`` (the module is looked up from the cwd too).
+
+    Raises:
+        ConfigurationError: the spec is malformed, the module does not import, or the attribute
+            is missing.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(f"APP must look like module:attribute, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    obj: object = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    return obj
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings(
+            host=args.host,
+            port=args.port,
+            path=args.path,
+            record_dir=args.record_dir,
+            record=not args.no_record,
+            start_ack=args.start_ack,
+            max_calls=args.max_calls,
+            buffer_bytes=args.buffer_bytes,
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        print(f"callsock serve: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        app = load_app(args.app) if args.app else None
+    except ConfigurationError as exc:
+        print(f"callsock serve: error: {exc}", file=sys.stderr)
+        return 2
+    _raise_file_limit()
+    try:
+        _run(_serve_until_signal(CallServer(settings, app)))
+    except OSError as exc:
+        print(
+            f"callsock serve: error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+async def _serve_until_signal(server: CallServer) -> None:
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def _run(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def _raise_file_limit() -> None:
+    """Each call holds a socket; lift the soft descriptor limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            get_logger().warning("could not raise the open-file limit", soft=soft, hard=hard)

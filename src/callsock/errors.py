@@ -1,0 +1,131 @@
+"""The errors callsock raises, each tied to the WebSocket close code it ends a connection with.
+
+The hierarchy::
+
+    CallsockError
+    ├── StreamError               the peer broke a rule of the stream (sans-I/O)
+    │   ├── InvalidMessage        1007: not JSON, wrong schema, bad base64, bad track config
+    │   ├── UnsupportedData       1003: a binary frame
+    │   ├── PolicyViolation       1008: out of order, second start, wrong streamSid
+    │   └── MessageTooBig         1009: a frame over the size limit
+    ├── ServerBusy                1013: the server is at its call limit
+    ├── Replaced                  4000: a newer connection took over the call
+    └── ConfigurationError        a setting or the application object is unusable (local)
+
+A :class:`StreamError` names the ``rule`` that was broken and the ``field`` it concerns, so a
+log line and a metric can say exactly what went wrong without quoting the message (which may
+carry call audio). Close reasons are short and never contain peer data.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallsockError",
+    "ConfigurationError",
+    "InvalidMessage",
+    "MessageTooBig",
+    "PolicyViolation",
+    "Replaced",
+    "ServerBusy",
+    "StreamError",
+    "UnsupportedData",
+]
+
+# The WebSocket close codes callsock uses (RFC 6455 section 7.4.1, plus one private code).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_REPLACED = 4000
+
+# RFC 6455 section 5.5: a control frame payload is at most 125 bytes, 2 of them the code.
+_MAX_REASON_BYTES = 123
+
+
+class CallsockError(Exception):
+    """Base class of every error callsock raises on purpose."""
+
+    close_code: int = CLOSE_INTERNAL_ERROR
+    """The WebSocket close code a connection ends with when this error ends it."""
+
+    @property
+    def close_reason(self) -> str:
+        """A short close reason, safe to send to the peer."""
+        return _truncate(str(self))
+
+
+class StreamError(CallsockError):
+    """The peer sent something the Media Streams protocol does not allow.
+
+    Attributes:
+        rule: a stable, kebab-case name of the rule that was broken (used as a metric label).
+        field: the JSON path of the offending field, or ``""`` when the whole message is at fault.
+        detail: a short human explanation, free of payload data.
+    """
+
+    def __init__(self, rule: str, field: str = "", detail: str = "") -> None:
+        self.rule = rule
+        self.field = field
+        self.detail = detail or rule
+        super().__init__(self.detail)
+
+    def __str__(self) -> str:
+        return f"{self.detail} ({self.field})" if self.field else self.detail
+
+
+class InvalidMessage(StreamError):
+    """A message is not JSON, does not match the schema, or carries an invalid value."""
+
+    close_code = CLOSE_INVALID_DATA
+
+
+class UnsupportedData(StreamError):
+    """A binary frame arrived; Media Streams messages are JSON text frames."""
+
+    close_code = CLOSE_UNSUPPORTED_DATA
+
+
+class PolicyViolation(StreamError):
+    """A well-formed message arrived out of order or for another stream."""
+
+    close_code = CLOSE_POLICY_VIOLATION
+
+
+class MessageTooBig(StreamError):
+    """A frame exceeded the configured maximum message size."""
+
+    close_code = CLOSE_MESSAGE_TOO_BIG
+
+
+class ServerBusy(CallsockError):
+    """The server already carries its maximum number of calls."""
+
+    close_code = CLOSE_TRY_AGAIN_LATER
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"server at capacity ({limit} calls)")
+
+
+class Replaced(CallsockError):
+    """A newer connection for the same call took over; this one is closed."""
+
+    close_code = CLOSE_REPLACED
+
+    def __init__(self) -> None:
+        super().__init__("replaced by a newer connection for the same call")
+
+
+class ConfigurationError(CallsockError):
+    """A setting, or the application object named on the command line, cannot be used."""
+
+
+def _truncate(text: str) -> str:
+    encoded = text.encode()
+    if len(encoded) <= _MAX_REASON_BYTES:
+        return text
+    return encoded[: _MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."

@@ -1,0 +1,166 @@
+"""Prometheus metrics, gathered at scrape time so the per-message path only adds integers.
+
+Each call counts its own messages and bytes in plain integers (it needs them for its summary
+anyway). A scrape adds up the live calls' counters and the totals of calls that have ended,
+so no lock or label lookup runs per message. The one per-message cost is the processing-time
+histogram, kept as a list of bucket counts.
+
+Every server has its own :class:`ServerMetrics` and registry; nothing is module-global, so
+several servers can run in one process (tests do).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+from .session import CallSession
+
+__all__ = ["CONTENT_TYPE", "PROCESSING_BUCKETS", "ServerMetrics"]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+PROCESSING_BUCKETS: Final = (
+    5e-6,
+    10e-6,
+    25e-6,
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    100e-3,
+)
+"""Upper bounds, in seconds, of the per-message processing-time histogram."""
+
+
+class ServerMetrics:
+    """The counters of one server, exposed in the Prometheus text format.
+
+    Args:
+        active_sessions: returns the sessions of the connections open now.
+    """
+
+    def __init__(self, active_sessions: Callable[[], Iterable[CallSession]]) -> None:
+        self.connections_opened = 0
+        self.connections_replaced = 0
+        self.connections_refused = 0
+        self.errors: dict[str, int] = {}
+        self.finished_messages: dict[str, int] = {}
+        self.finished_received_bytes = 0
+        self.finished_media_bytes = 0
+        self.calls_finished: dict[str, int] = {}
+        self.bucket_counts = [0] * (len(PROCESSING_BUCKETS) + 1)
+        self.processing_sum = 0.0
+        self._active_sessions = active_sessions
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)
+
+    def observe_processing(self, seconds: float) -> None:
+        """Record how long one message took to process."""
+        self.bucket_counts[bisect_left(PROCESSING_BUCKETS, seconds)] += 1
+        self.processing_sum += seconds
+
+    def count_error(self, rule: str) -> None:
+        """Count one rejected message or connection, by the rule it broke."""
+        self.errors[rule] = self.errors.get(rule, 0) + 1
+
+    def session_finished(self, session: CallSession) -> None:
+        """Fold an ended session's counters into the totals (call once per session)."""
+        counters = session.counters
+        for event, count in counters.messages.items():
+            self.finished_messages[event] = self.finished_messages.get(event, 0) + count
+        self.finished_received_bytes += counters.received_bytes
+        self.finished_media_bytes += counters.media_bytes
+        if session.end_reason is not None and session.stream is not None:
+            reason = session.end_reason
+            self.calls_finished[reason] = self.calls_finished.get(reason, 0) + 1
+
+    def render(self) -> bytes:
+        """Return the metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+    def active_sessions(self) -> list[CallSession]:
+        """The sessions of the connections open now."""
+        return list(self._active_sessions())
+
+
+class _Collector:
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        active = m.active_sessions()
+        messages = dict(m.finished_messages)
+        received = m.finished_received_bytes
+        media = m.finished_media_bytes
+        for session in active:
+            for event, count in session.counters.messages.items():
+                messages[event] = messages.get(event, 0) + count
+            received += session.counters.received_bytes
+            media += session.counters.media_bytes
+
+        yield _counter("messages", "Messages processed, by event.", "event", messages)
+        yield _counter("received_bytes", "Bytes of WebSocket text received.", value=received)
+        yield _counter("media_bytes", "Bytes of mu-law audio received.", value=media)
+        yield _counter("errors", "Messages or connections rejected, by rule.", "rule", m.errors)
+        yield _counter("connections_opened", "WebSocket connections accepted.", value=m.connections_opened)
+        yield _counter(
+            "connections_replaced",
+            "Connections closed because a newer one took over their call.",
+            value=m.connections_replaced,
+        )
+        yield _counter(
+            "connections_refused",
+            "Connections refused because the server was at --max-calls.",
+            value=m.connections_refused,
+        )
+        yield _counter("calls_ended", "Calls ended, by end reason.", "reason", m.calls_finished)
+        gauge = GaugeMetricFamily("callsock_connections_active", "WebSocket connections open now.")
+        gauge.add_metric([], len(active))
+        yield gauge
+        calls = GaugeMetricFamily("callsock_calls_active", "Open connections that have started a stream.")
+        calls.add_metric([], sum(1 for s in active if s.stream is not None))
+        yield calls
+        yield _histogram(m)
+
+
+def _counter(
+    name: str, doc: str, label: str = "", by: dict[str, int] | None = None, value: int = 0
+) -> CounterMetricFamily:
+    if not label:
+        return CounterMetricFamily(f"callsock_{name}", doc, value=value)
+    family = CounterMetricFamily(f"callsock_{name}", doc, labels=[label])
+    for key, count in sorted((by or {}).items()):
+        family.add_metric([key], count)
+    return family
+
+
+def _histogram(m: ServerMetrics) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in zip((*PROCESSING_BUCKETS, float("inf")), m.bucket_counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+    return HistogramMetricFamily(
+        "callsock_message_processing_seconds",
+        "Time to validate and handle one inbound message.",
+        buckets=buckets,
+        sum_value=m.processing_sum,
+    )

@@ -1,0 +1,180 @@
+"""The wire schema of Twilio Media Streams, as msgspec structs decoded in one pass.
+
+Inbound messages form a tagged union on ``event`` (Twilio's "WebSocket Messages" page, section
+"Messages Twilio sends"). Field names are Twilio's camelCase on the wire and snake_case here.
+Counters (``sequenceNumber``, ``media.chunk``, ``media.timestamp``) are strings on the wire and
+stay strings: Twilio documents them so, and strict decoding rejects a number in their place.
+
+``media.payload`` is typed ``bytes``, so msgspec decodes (and strictly validates) the base64 while
+it parses the JSON. Unknown fields are ignored, so a field Twilio adds tomorrow cannot end live
+calls; everything callsock relies on is required and typed.
+
+``start`` comes in two dialects:
+
+- Twilio's: ``start.tracks`` is a list of strings and the format is in ``start.mediaFormat``.
+- The seed guide's: ``start.tracks`` is a list of ``{id, format, rate, channels}`` objects, and
+  callSid, accountSid and mediaFormat may be missing.
+
+Both decode into :class:`StartBody`; :mod:`callsock.protocol` tells them apart and validates them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "Connected",
+    "Dtmf",
+    "DtmfBody",
+    "Inbound",
+    "Mark",
+    "MarkBody",
+    "Media",
+    "MediaBody",
+    "MediaFormat",
+    "SeedStartAck",
+    "SeedTrack",
+    "SeedTrackAck",
+    "Start",
+    "StartBody",
+    "Stop",
+    "StopBody",
+    "decoder",
+]
+
+
+class MediaFormat(msgspec.Struct, rename="camel"):
+    """``start.mediaFormat``: always mu-law, 8000 Hz, mono on Twilio."""
+
+    encoding: str
+    sample_rate: int
+    channels: int
+
+
+class SeedTrack(msgspec.Struct):
+    """One entry of ``start.tracks`` in the seed dialect; validated by the protocol."""
+
+    id: str
+    format: str | None = None
+    rate: int | None = None
+    channels: int | None = None
+
+
+class StartBody(msgspec.Struct, rename="camel"):
+    """The ``start`` object of a start message, in either dialect."""
+
+    tracks: tuple[str | SeedTrack, ...] = ()
+    stream_sid: str | None = None
+    account_sid: str | None = None
+    call_sid: str | None = None
+    media_format: MediaFormat | None = None
+    custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class MediaBody(msgspec.Struct):
+    """The ``media`` object of an inbound media message."""
+
+    payload: bytes
+    track: str = "inbound"
+    chunk: str | None = None
+    timestamp: str | None = None
+
+
+class DtmfBody(msgspec.Struct):
+    """The ``dtmf`` object: a digit pressed by the caller."""
+
+    digit: str
+    track: str = "inbound_track"
+
+
+class MarkBody(msgspec.Struct):
+    """The ``mark`` object: the name of a mark the server sent earlier."""
+
+    name: str
+
+
+class StopBody(msgspec.Struct, rename="camel"):
+    """The ``stop`` object; the seed dialect may leave it out."""
+
+    account_sid: str | None = None
+    call_sid: str | None = None
+
+
+class Inbound(msgspec.Struct, tag_field="event", rename="camel"):
+    """Base of every message Twilio sends; ``event`` is the tag."""
+
+
+class Connected(Inbound, tag="connected"):
+    """The first message: names the protocol (``Call``) and its version."""
+
+    protocol: str | None = None
+    version: str | None = None
+
+
+class Start(Inbound, tag="start"):
+    """Stream metadata, sent once before any media."""
+
+    stream_sid: str
+    start: StartBody
+    sequence_number: str | None = None
+
+
+class Media(Inbound, tag="media"):
+    """A chunk of caller (or, on a fork, callee) audio."""
+
+    stream_sid: str
+    media: MediaBody
+    sequence_number: str | None = None
+
+
+class Dtmf(Inbound, tag="dtmf"):
+    """A DTMF digit (bidirectional streams only)."""
+
+    stream_sid: str
+    dtmf: DtmfBody
+    sequence_number: str | None = None
+
+
+class Mark(Inbound, tag="mark"):
+    """The echo of a mark the server sent: its audio played, or was cleared."""
+
+    stream_sid: str
+    mark: MarkBody
+    sequence_number: str | None = None
+
+
+class Stop(Inbound, tag="stop"):
+    """The stream has ended."""
+
+    stream_sid: str
+    stop: StopBody | None = None
+    sequence_number: str | None = None
+
+
+InboundMessage = Connected | Start | Media | Dtmf | Mark | Stop
+
+
+def decoder() -> msgspec.json.Decoder[InboundMessage]:
+    """Return a decoder for inbound messages; build one per protocol object and reuse it."""
+    return msgspec.json.Decoder(InboundMessage)
+
+
+class SeedTrackAck(msgspec.Struct):
+    """One track of the seed dialect's start acknowledgement."""
+
+    id: str
+
+
+class SeedStartAck(msgspec.Struct, tag_field="event", tag="start", rename="camel"):
+    """The seed guide's reply to a start ("Our Response"), fields in its exact order."""
+
+    protocol: str
+    version: str
+    stream_sid: str
+    tracks: list[SeedTrackAck]
+
+
+SEED_ACK_PROTOCOL: Final = "wss"
+SEED_ACK_VERSION: Final = "1.0.0"

@@ -1,0 +1,54 @@
+"""The server's settings, with the seed guide's defaults; built by the CLI or by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .logs import LogFormat
+from .protocol import StartAck
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ``callsock serve`` can be told; each field is a command-line option.
+
+    Attributes:
+        host: the address to listen on.
+        port: the TCP port (0 picks a free one, which tests use).
+        path: the WebSocket path; must match the ``<Stream url>`` in the TwiML.
+        record_dir: where recordings go.
+        record: whether to record calls at all.
+        start_ack: when to answer ``start`` with the seed guide's acknowledgement.
+        max_calls: the most connections served at once; more are closed with 1013.
+        buffer_bytes: each call's audio buffer capacity; it flushes to the sinks when full.
+        log_format: ``json``, ``console`` or ``auto`` (console on a terminal).
+        log_level: the lowest level logged.
+        close_timeout: seconds to wait for the peer's close frame after sending ours.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8081
+    path: str = "/call"
+    record_dir: Path = Path("recordings")
+    record: bool = True
+    start_ack: StartAck = "auto"
+    max_calls: int = 1000
+    buffer_bytes: int = 1 << 20
+    log_format: LogFormat = "auto"
+    log_level: str = "info"
+    close_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/': {self.path!r}")
+        if "?" in self.path:
+            raise ValueError("path must not have a query string (Twilio drops it)")
+        if self.max_calls < 1:
+            raise ValueError("max_calls must be at least 1")
+        if self.buffer_bytes < 160:
+            raise ValueError("buffer_bytes must be at least 160 (one 20 ms frame)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")

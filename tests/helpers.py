@@ -1,0 +1,149 @@
+"""Shared test helpers: Twilio-side message builders, a running server, WAV reading."""
+
+from __future__ import annotations
+
+import base64
+import json
+import wave
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from callsock.g711 import ulaw_to_pcm16
+from callsock.server import CallServer
+from callsock.settings import Settings
+
+ACCOUNT = "AC" + "0" * 32
+
+
+def sid(prefix: str, n: int) -> str:
+    """A Twilio-shaped SID: two letters and 32 hex digits."""
+    return f"{prefix}{n:032x}"
+
+
+def connected() -> str:
+    return json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+
+
+def twilio_start(
+    stream_sid: str,
+    call_sid: str | None = None,
+    tracks: tuple[str, ...] = ("inbound",),
+    params: dict[str, str] | None = None,
+) -> str:
+    """Twilio's real start message (tracks as strings, mediaFormat)."""
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "start": {
+                "accountSid": ACCOUNT,
+                "streamSid": stream_sid,
+                "callSid": call_sid or "CA" + stream_sid[2:],
+                "tracks": list(tracks),
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": params or {},
+            },
+            "streamSid": stream_sid,
+        }
+    )
+
+
+def seed_start(stream_sid: str, tracks: tuple[str, ...] = ("inbound",), **overrides: Any) -> str:
+    """The seed guide's start: tracks as {id, format, rate, channels} objects."""
+    track_objects = [
+        {"id": t, "format": "audio/x-mulaw", "rate": 8000, "channels": 1, **overrides} for t in tracks
+    ]
+    return json.dumps({"event": "start", "streamSid": stream_sid, "start": {"tracks": track_objects}})
+
+
+def media(stream_sid: str, payload: bytes, timestamp_ms: int, track: str = "inbound", seq: int = 2) -> str:
+    return json.dumps(
+        {
+            "event": "media",
+            "sequenceNumber": str(seq),
+            "media": {
+                "track": track,
+                "chunk": str(seq - 1),
+                "timestamp": str(timestamp_ms),
+                "payload": base64.b64encode(payload).decode(),
+            },
+            "streamSid": stream_sid,
+        }
+    )
+
+
+def dtmf(stream_sid: str, digit: str, seq: int = 3) -> str:
+    return json.dumps(
+        {
+            "event": "dtmf",
+            "streamSid": stream_sid,
+            "sequenceNumber": str(seq),
+            "dtmf": {"track": "inbound_track", "digit": digit},
+        }
+    )
+
+
+def mark(stream_sid: str, name: str, seq: int = 3) -> str:
+    return json.dumps(
+        {"event": "mark", "sequenceNumber": str(seq), "streamSid": stream_sid, "mark": {"name": name}}
+    )
+
+
+def stop(stream_sid: str, seq: int = 9) -> str:
+    return json.dumps(
+        {
+            "event": "stop",
+            "sequenceNumber": str(seq),
+            "stop": {"accountSid": ACCOUNT, "callSid": "CA" + stream_sid[2:]},
+            "streamSid": stream_sid,
+        }
+    )
+
+
+def frames(audio: bytes, size: int = 160) -> list[bytes]:
+    """Cut mu-law audio into frames of ``size`` bytes (the last may be shorter)."""
+    return [audio[i : i + size] for i in range(0, len(audio), size)]
+
+
+def read_wav(path: Path) -> bytes:
+    """Return the PCM frames of an 8 kHz 16-bit mono WAV, checking its format."""
+    with wave.open(str(path), "rb") as w:
+        assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (8000, 2, 1)
+        return w.readframes(w.getnframes())
+
+
+def decoded(mulaw: bytes) -> bytes:
+    return ulaw_to_pcm16(mulaw)
+
+
+@asynccontextmanager
+async def running_server(record_dir: Path, **overrides: Any) -> AsyncIterator[CallServer]:
+    """A real CallServer on 127.0.0.1 and a free port."""
+    settings = replace(Settings(host="127.0.0.1", port=0, record_dir=record_dir), **overrides)
+    server = CallServer(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def ws_url(server: CallServer, path: str | None = None) -> str:
+    return f"ws://127.0.0.1:{server.port}{path or server.settings.path}"
+
+
+def http_url(server: CallServer, path: str) -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+async def receive_close(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
+    """Read until the server's close frame (at most 5 s); return its code and reason."""
+    while True:
+        msg = await ws.receive(timeout=5.0)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            return ws.close_code, msg.extra or ""
