@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from callsock.app import App
 from callsock.g711 import ulaw_to_pcm16
 from callsock.server import CallServer
 from callsock.settings import Settings
@@ -122,10 +123,12 @@ def decoded(mulaw: bytes) -> bytes:
 
 
 @asynccontextmanager
-async def running_server(record_dir: Path, **overrides: Any) -> AsyncIterator[CallServer]:
-    """A real CallServer on 127.0.0.1 and a free port."""
+async def running_server(
+    record_dir: Path, app: App | None = None, **overrides: Any
+) -> AsyncIterator[CallServer]:
+    """A real CallServer on 127.0.0.1 and a free port, serving ``app``."""
     settings = replace(Settings(host="127.0.0.1", port=0, record_dir=record_dir), **overrides)
-    server = CallServer(settings)
+    server = CallServer(settings, app)
     await server.start()
     try:
         yield server
@@ -147,3 +150,63 @@ async def receive_close(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None
         msg = await ws.receive(timeout=5.0)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
             return ws.close_code, msg.extra or ""
+
+
+class TwilioPeer:
+    """The Twilio side of one call, driven by hand over a real WebSocket."""
+
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, stream_sid: str, call_sid: str | None = None
+    ) -> None:
+        self.ws = ws
+        self.stream_sid = stream_sid
+        self.call_sid = call_sid or "CA" + stream_sid[2:]
+        self.seq = 1
+        self.clock_ms = 0
+
+    async def start(
+        self, tracks: tuple[str, ...] = ("inbound",), params: dict[str, str] | None = None
+    ) -> None:
+        await self.ws.send_str(connected())
+        await self.ws.send_str(twilio_start(self.stream_sid, self.call_sid, tracks, params))
+
+    async def media(self, mulaw: bytes, track: str = "inbound") -> None:
+        """Send audio as 20 ms frames on the stream clock (no real-time pacing)."""
+        for frame in frames(mulaw):
+            self.seq += 1
+            await self.ws.send_str(media(self.stream_sid, frame, self.clock_ms, track=track, seq=self.seq))
+            self.clock_ms += len(frame) // 8
+
+    async def dtmf(self, digit: str) -> None:
+        self.seq += 1
+        await self.ws.send_str(dtmf(self.stream_sid, digit, seq=self.seq))
+
+    async def mark(self, name: str) -> None:
+        self.seq += 1
+        await self.ws.send_str(mark(self.stream_sid, name, seq=self.seq))
+
+    async def stop(self) -> None:
+        self.seq += 1
+        await self.ws.send_str(stop(self.stream_sid, seq=self.seq))
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message from the server (waiting at most 5 s), parsed; None once it closes."""
+        msg = await self.ws.receive(timeout=5.0)
+        if msg.type is not aiohttp.WSMsgType.TEXT:
+            return None
+        message: dict[str, Any] = json.loads(msg.data)
+        return message
+
+    async def receive_until(self, event: str) -> list[dict[str, Any]]:
+        """Messages up to and including the first of ``event`` (or all, if the server closes)."""
+        received: list[dict[str, Any]] = []
+        while (message := await self.receive()) is not None:
+            received.append(message)
+            if message["event"] == event:
+                break
+        return received
+
+
+def payload_audio(messages: list[dict[str, Any]]) -> bytes:
+    """The mu-law audio of the media messages among ``messages``, in order."""
+    return b"".join(base64.b64decode(m["media"]["payload"]) for m in messages if m["event"] == "media")

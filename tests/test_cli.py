@@ -88,10 +88,14 @@ def test_load_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_serve_with_bad_app_exits_2(tmp_path: Path) -> None:
-    """`serve` with an APP that does not load exits 2 before listening."""
+    """`serve` with an APP that does not load, or is not an App, exits 2 before listening."""
     result = run_cli("serve", "nomodule_xyz:app", "--port", str(free_port()), cwd=tmp_path)
     assert result.returncode == 2
     assert "cannot import 'nomodule_xyz'" in result.stderr
+    (tmp_path / "notapp.py").write_text("app = object()\n")
+    result = run_cli("serve", "notapp:app", "--port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "notapp:app is a object, not a callsock.App" in result.stderr
 
 
 def test_main_returns_status_in_process(capsys: pytest.CaptureFixture[str]) -> None:
@@ -108,7 +112,7 @@ def test_main_returns_status_in_process(capsys: pytest.CaptureFixture[str]) -> N
 def served(tmp_path: Path) -> Iterator[tuple[int, Path, subprocess.Popen[str]]]:
     """`callsock serve` as a real process, configured through the environment, with an APP."""
     port = free_port()
-    (tmp_path / "userapp.py").write_text("app = object()\n")
+    (tmp_path / "userapp.py").write_text("from callsock import App\n\napp = App()\n")
     record_dir = tmp_path / "rec"
     env = {
         **os.environ,
@@ -172,3 +176,12 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         result = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path)
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1" in result.stderr
+
+
+def test_bad_greeting_is_a_clear_error(tmp_path: Path) -> None:
+    """--greeting with a file that is not a PCM WAV exits 2 and names the file."""
+    bogus = tmp_path / "hello.wav"
+    bogus.write_text("not audio")
+    result = run_cli("serve", "--greeting", str(bogus), "--port", str(free_port()), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "hello.wav: not a PCM WAV file" in result.stderr

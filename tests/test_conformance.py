@@ -45,7 +45,7 @@ from streamdouble.trace import TraceConfig
 from callsock.g711 import ulaw_to_pcm16
 from callsock.server import CallServer
 
-from .helpers import read_wav, ws_url
+from .helpers import read_wav, running_server, ws_url
 
 RATE = 8000
 FRAME = 160  # bytes of mu-law, and samples, in one 20 ms frame
@@ -256,3 +256,17 @@ async def test_bidirectional_call_recorded_sample_exact(
 
     inbound = read_wav(call_dir / f"{stream_sid}.inbound.wav")
     assert_same_pcm(inbound, expected_pcm(caller_frames, n_in * FRAME), "inbound track")
+
+
+async def test_builtin_echo_bidirectional(tmp_path: Path, record_dir: Path) -> None:
+    """`serve --echo` under streamdouble: exit 0, no violations, the reply is the caller's audio."""
+    caller = write_sweep(tmp_path / "caller.wav", 6400, 250.0, 2500.0, 9000.0)
+    sent = b"".join(sd_audio.wav_to_ulaw_frames(caller))
+    config = SessionConfig(response_timeout_s=2.0, quiet_period_s=0.3, max_drain_s=5.0)
+    async with running_server(record_dir, echo=True) as server:
+        report = await sd_api.call(ws_url(server), audio_path=str(caller), config=config)
+    assert report.exit_code == 0 and report.violations == []
+    assert report.audio_received == sent
+    a = np.frombuffer(ulaw_to_pcm16(sent), dtype="<i2").astype(np.float64)
+    b = np.frombuffer(ulaw_to_pcm16(report.audio_received), dtype="<i2").astype(np.float64)
+    assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.9

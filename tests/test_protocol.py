@@ -101,7 +101,7 @@ def test_seed_start_gets_the_exact_ack() -> None:
     protocol.receive_text(SEED_START)
     assert protocol.stream is not None and protocol.stream.dialect == "seed"
     assert protocol.stream.call_key == "MTxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
-    assert protocol.data_to_send() == [SEED_ACK]
+    assert protocol.data_to_send() == [SEED_ACK.encode()]
     assert protocol.data_to_send() == []
 
 
@@ -114,8 +114,8 @@ def test_seed_ack_lists_every_track_in_order() -> None:
         '{"id":"inbound","format":"audio/x-mulaw","rate":8000,"channels":1}]}}'
     )
     assert protocol.data_to_send() == [
-        '{"event":"start","protocol":"wss","version":"1.0.0","streamSid":"MT1",'
-        '"tracks":[{"id":"outbound"},{"id":"inbound"}]}'
+        b'{"event":"start","protocol":"wss","version":"1.0.0","streamSid":"MT1",'
+        b'"tracks":[{"id":"outbound"},{"id":"inbound"}]}'
     ]
 
 
@@ -137,8 +137,8 @@ def test_always_acks_twilio_start_with_its_sid() -> None:
     protocol = StreamProtocol(start_ack="always")
     protocol.receive_text(TWILIO_START)
     assert protocol.data_to_send() == [
-        '{"event":"start","protocol":"wss","version":"1.0.0",'
-        '"streamSid":"MZ00000000000000000000000000000001","tracks":[{"id":"inbound"}]}'
+        b'{"event":"start","protocol":"wss","version":"1.0.0",'
+        b'"streamSid":"MZ00000000000000000000000000000001","tracks":[{"id":"inbound"}]}'
     ]
 
 

@@ -5,16 +5,22 @@ Start with ``callsock serve`` (or ``make serve``); see README.md.
 
 from __future__ import annotations
 
+from .app import App
+from .call import AudioFrame, Call, CallStats, MarkEcho
 from .errors import (
+    CallEnded,
     CallsockError,
     ConfigurationError,
+    HandlerFailed,
     InvalidMessage,
     MessageTooBig,
+    OneWayStream,
     PolicyViolation,
     Replaced,
     ServerBusy,
     StreamError,
     UnsupportedData,
+    UsageError,
 )
 from .protocol import StreamInfo, StreamProtocol
 from .server import CallServer
@@ -24,12 +30,20 @@ from .settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "App",
+    "AudioFrame",
+    "Call",
+    "CallEnded",
     "CallServer",
     "CallSession",
+    "CallStats",
     "CallsockError",
     "ConfigurationError",
+    "HandlerFailed",
     "InvalidMessage",
+    "MarkEcho",
     "MessageTooBig",
+    "OneWayStream",
     "PolicyViolation",
     "Replaced",
     "ServerBusy",
@@ -38,5 +52,6 @@ __all__ = [
     "StreamInfo",
     "StreamProtocol",
     "UnsupportedData",
+    "UsageError",
     "__version__",
 ]

@@ -61,10 +61,26 @@ class AudioBuffer:
         # relative to the audio actually kept, so one jump is clamped once, not refilled.
         self._skipped = dict.fromkeys(self._buffers, 0)
 
+    @property
+    def tracks(self) -> tuple[str, ...]:
+        """The tracks this buffer holds."""
+        return tuple(self._buffers)
+
+    def add_track(self, track: str) -> None:
+        """Start a new, empty track (the outbound audio of a bidirectional call, say)."""
+        if track not in self._buffers:
+            self._buffers[track] = bytearray()
+            self._positions[track] = 0
+            self._skipped[track] = 0
+
     def add(self, track: str, timestamp_ms: int | None, data: bytes) -> None:
         """Add a chunk of ``track`` that starts at ``timestamp_ms`` (``None``: right after the last)."""
-        if timestamp_ms is not None:
-            gap = timestamp_ms * BYTES_PER_MS - self._skipped[track] - self._positions[track]
+        self.add_at(track, None if timestamp_ms is None else timestamp_ms * BYTES_PER_MS, data)
+
+    def add_at(self, track: str, offset: int | None, data: bytes) -> None:
+        """Add a chunk of ``track`` that starts ``offset`` samples into the stream (``None``: next)."""
+        if offset is not None:
+            gap = offset - self._skipped[track] - self._positions[track]
             if gap > 0:
                 if gap > self._max_gap:
                     self._skipped[track] += gap - self._max_gap

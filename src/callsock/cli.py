@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import os
 import resource
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .app import App
 from .errors import ConfigurationError
 from .logs import configure_logging, get_logger
 from .server import CallServer
@@ -105,6 +107,26 @@ def _add_serve(commands: Any) -> None:
         default=defaults.log_level,
         help="lowest level logged; debug logs every message (never its audio)",
     )
+    option("--echo", flag=True, help="built-in echo: a bidirectional call hears itself")
+    option("--greeting", type=Path, default=None, help="a WAV file (any rate) played when a call starts")
+    option(
+        "--stream-mode",
+        choices=("connect", "start"),
+        default=defaults.stream_mode,
+        help="connect: <Connect><Stream>, bidirectional; start: a one-way <Start><Stream> fork",
+    )
+    option(
+        "--handler-queue-ms",
+        type=int,
+        default=defaults.handler_queue_ms,
+        help="audio that may wait for slow on_audio handlers; older frames are dropped past it",
+    )
+    option(
+        "--send-lead-ms",
+        type=int,
+        default=defaults.send_lead_ms,
+        help="how far outbound audio may run ahead of what the caller hears",
+    )
 
 
 def _option_adder(parser: argparse.ArgumentParser) -> Any:
@@ -167,32 +189,31 @@ def load_app(spec: str) -> object:
     return obj
 
 
+def _load_application(spec: str) -> App:
+    app = load_app(spec)
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{spec} is a {type(app).__name__}, not a callsock.App")
+    return app
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Build the settings from the parsed options (each option is named after its field)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    return Settings(**values, record=not args.no_record)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
-        settings = Settings(
-            host=args.host,
-            port=args.port,
-            path=args.path,
-            record_dir=args.record_dir,
-            record=not args.no_record,
-            start_ack=args.start_ack,
-            max_calls=args.max_calls,
-            buffer_bytes=args.buffer_bytes,
-            log_format=args.log_format,
-            log_level=args.log_level,
-        )
-    except ValueError as exc:
-        print(f"callsock serve: error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        app = load_app(args.app) if args.app else None
-    except ConfigurationError as exc:
+        settings = _settings(args)
+        configure_logging(settings.log_level, settings.log_format)
+        app = _load_application(args.app) if args.app else None
+        server = CallServer(settings, app)
+    except (ValueError, ConfigurationError) as exc:
         print(f"callsock serve: error: {exc}", file=sys.stderr)
         return 2
     _raise_file_limit()
     try:
-        _run(_serve_until_signal(CallServer(settings, app)))
+        _run(_serve_until_signal(server))
     except OSError as exc:
         print(
             f"callsock serve: error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr

@@ -10,6 +10,10 @@ The hierarchy::
     │   └── MessageTooBig         1009: a frame over the size limit
     ├── ServerBusy                1013: the server is at its call limit
     ├── Replaced                  4000: a newer connection took over the call
+    ├── HandlerFailed             1011: an application handler raised; the call ends
+    ├── UsageError                the application asked for something impossible (local)
+    │   ├── OneWayStream          sending on a <Start> fork, which Twilio would fail (31924)
+    │   └── CallEnded             sending on a call whose connection has closed
     └── ConfigurationError        a setting or the application object is unusable (local)
 
 A :class:`StreamError` names the ``rule`` that was broken and the ``field`` it concerns, so a
@@ -20,15 +24,19 @@ carry call audio). Close reasons are short and never contain peer data.
 from __future__ import annotations
 
 __all__ = [
+    "CallEnded",
     "CallsockError",
     "ConfigurationError",
+    "HandlerFailed",
     "InvalidMessage",
     "MessageTooBig",
+    "OneWayStream",
     "PolicyViolation",
     "Replaced",
     "ServerBusy",
     "StreamError",
     "UnsupportedData",
+    "UsageError",
 ]
 
 # The WebSocket close codes callsock uses (RFC 6455 section 7.4.1, plus one private code).
@@ -51,6 +59,9 @@ class CallsockError(Exception):
 
     close_code: int = CLOSE_INTERNAL_ERROR
     """The WebSocket close code a connection ends with when this error ends it."""
+
+    rule: str = "internal"
+    """A stable, kebab-case name of what went wrong (a metric label and the summary's ``error``)."""
 
     @property
     def close_reason(self) -> str:
@@ -118,6 +129,37 @@ class Replaced(CallsockError):
 
     def __init__(self) -> None:
         super().__init__("replaced by a newer connection for the same call")
+
+
+class HandlerFailed(CallsockError):
+    """An application handler raised; the call ends with ``endReason`` ``error``."""
+
+    rule = "handler"
+
+    def __init__(self, handler: str) -> None:
+        self.handler = handler
+        super().__init__("application error")
+
+
+class UsageError(CallsockError):
+    """The application asked a call for something it cannot do."""
+
+
+class OneWayStream(UsageError):
+    """The stream is a one-way ``<Start>`` fork: Twilio fails it if the server sends (31924)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this stream is one-way (<Start><Stream>): Twilio accepts no media, mark or clear on it; "
+            "use <Connect><Stream> to talk back"
+        )
+
+
+class CallEnded(UsageError):
+    """The call's connection has closed; nothing more can be sent."""
+
+    def __init__(self) -> None:
+        super().__init__("the call has ended")
 
 
 class ConfigurationError(CallsockError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -24,7 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-from .session import CallSession
+if TYPE_CHECKING:
+    from .connection import Connection
 
 __all__ = ["CONTENT_TYPE", "PROCESSING_BUCKETS", "ServerMetrics"]
 
@@ -52,10 +53,10 @@ class ServerMetrics:
     """The counters of one server, exposed in the Prometheus text format.
 
     Args:
-        active_sessions: returns the sessions of the connections open now.
+        active: returns the connections open now.
     """
 
-    def __init__(self, active_sessions: Callable[[], Iterable[CallSession]]) -> None:
+    def __init__(self, active: Callable[[], Iterable[Connection]]) -> None:
         self.connections_opened = 0
         self.connections_replaced = 0
         self.connections_refused = 0
@@ -64,9 +65,12 @@ class ServerMetrics:
         self.finished_received_bytes = 0
         self.finished_media_bytes = 0
         self.calls_finished: dict[str, int] = {}
+        self.finished_outbound: dict[str, int] = {}
+        self.finished_outbound_bytes = 0
+        self.finished_dropped_frames = 0
         self.bucket_counts = [0] * (len(PROCESSING_BUCKETS) + 1)
         self.processing_sum = 0.0
-        self._active_sessions = active_sessions
+        self._active = active
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
@@ -80,11 +84,14 @@ class ServerMetrics:
         """Count one rejected message or connection, by the rule it broke."""
         self.errors[rule] = self.errors.get(rule, 0) + 1
 
-    def session_finished(self, session: CallSession) -> None:
-        """Fold an ended session's counters into the totals (call once per session)."""
+    def connection_finished(self, connection: Connection) -> None:
+        """Fold an ended connection's counters into the totals (call once per connection)."""
+        session = connection.session
+        _add(self.finished_outbound, _outbound_counts(connection))
+        self.finished_outbound_bytes += connection.outbound.bytes_sent if connection.outbound else 0
+        self.finished_dropped_frames += connection.runner.dropped_frames if connection.runner else 0
         counters = session.counters
-        for event, count in counters.messages.items():
-            self.finished_messages[event] = self.finished_messages.get(event, 0) + count
+        _add(self.finished_messages, counters.messages)
         self.finished_received_bytes += counters.received_bytes
         self.finished_media_bytes += counters.media_bytes
         if session.end_reason is not None and session.stream is not None:
@@ -95,9 +102,9 @@ class ServerMetrics:
         """Return the metrics in the Prometheus text exposition format."""
         return generate_latest(self.registry)
 
-    def active_sessions(self) -> list[CallSession]:
-        """The sessions of the connections open now."""
-        return list(self._active_sessions())
+    def active(self) -> list[Connection]:
+        """Return the connections open now."""
+        return list(self._active())
 
 
 class _Collector:
@@ -106,15 +113,21 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
-        active = m.active_sessions()
+        active = m.active()
         messages = dict(m.finished_messages)
         received = m.finished_received_bytes
         media = m.finished_media_bytes
-        for session in active:
-            for event, count in session.counters.messages.items():
-                messages[event] = messages.get(event, 0) + count
-            received += session.counters.received_bytes
-            media += session.counters.media_bytes
+        outbound = dict(m.finished_outbound)
+        outbound_bytes = m.finished_outbound_bytes
+        dropped = m.finished_dropped_frames
+        for connection in active:
+            counters = connection.session.counters
+            _add(messages, counters.messages)
+            received += counters.received_bytes
+            media += counters.media_bytes
+            _add(outbound, _outbound_counts(connection))
+            outbound_bytes += connection.outbound.bytes_sent if connection.outbound else 0
+            dropped += connection.runner.dropped_frames if connection.runner else 0
 
         yield _counter("messages", "Messages processed, by event.", "event", messages)
         yield _counter("received_bytes", "Bytes of WebSocket text received.", value=received)
@@ -132,13 +145,32 @@ class _Collector:
             value=m.connections_refused,
         )
         yield _counter("calls_ended", "Calls ended, by end reason.", "reason", m.calls_finished)
+        yield _counter("sent_messages", "Messages sent to the peer, by event.", "event", outbound)
+        yield _counter("sent_media_bytes", "Bytes of mu-law audio sent to the peer.", value=outbound_bytes)
+        yield _counter(
+            "audio_frames_dropped",
+            "Audio frames dropped because on_audio handlers fell behind.",
+            value=dropped,
+        )
         gauge = GaugeMetricFamily("callsock_connections_active", "WebSocket connections open now.")
         gauge.add_metric([], len(active))
         yield gauge
         calls = GaugeMetricFamily("callsock_calls_active", "Open connections that have started a stream.")
-        calls.add_metric([], sum(1 for s in active if s.stream is not None))
+        calls.add_metric([], sum(1 for c in active if c.session.stream is not None))
         yield calls
         yield _histogram(m)
+
+
+def _outbound_counts(connection: Connection) -> dict[str, int]:
+    out = connection.outbound
+    if out is None:
+        return {}
+    return {"media": out.media_sent, "mark": out.marks_sent, "clear": out.clears_sent}
+
+
+def _add(totals: dict[str, int], counts: dict[str, int]) -> None:
+    for key, count in counts.items():
+        totals[key] = totals.get(key, 0) + count
 
 
 def _counter(

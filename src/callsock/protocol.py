@@ -23,7 +23,7 @@ from typing import Final, Literal, NoReturn
 
 import msgspec
 
-from .errors import InvalidMessage, PolicyViolation, StreamError, UnsupportedData
+from .errors import CallEnded, InvalidMessage, PolicyViolation, StreamError, UnsupportedData
 from .g711 import SAMPLE_RATE
 from .schema import (
     SEED_ACK_PROTOCOL,
@@ -34,6 +34,11 @@ from .schema import (
     Mark,
     Media,
     MediaFormat,
+    OutboundClear,
+    OutboundMark,
+    OutboundMarkBody,
+    OutboundMedia,
+    OutboundMediaBody,
     SeedStartAck,
     SeedTrack,
     SeedTrackAck,
@@ -114,7 +119,8 @@ class StreamProtocol:
         self._stream_sid = ""
         self._tracks: tuple[str, ...] = ()
         self._decoder = decoder()
-        self._outgoing: list[str] = []
+        self._encoder = msgspec.json.Encoder()
+        self._outgoing: list[bytes] = []
 
     def receive_text(self, data: str | bytes) -> InboundMessage:
         """Decode and validate one text message.
@@ -154,10 +160,41 @@ class StreamProtocol:
         self._check_not_failed()
         self.fail(UnsupportedData("binary-frame", "", "binary frames are not accepted"))
 
-    def data_to_send(self) -> list[str]:
-        """Return, and forget, the text messages waiting to be sent to the peer."""
+    def data_to_send(self) -> list[bytes]:
+        """Return, and forget, the text messages (UTF-8) waiting to be sent to the peer."""
         out, self._outgoing = self._outgoing, []
         return out
+
+    def media_message(self, mulaw: bytes | bytearray) -> bytes:
+        """Encode outbound audio: base64 mu-law, no header, this stream's SID (WebSocket Messages).
+
+        Raises:
+            CallEnded: the stream has not started, or has ended.
+        """
+        return self._encoder.encode(OutboundMedia(self._sending_sid(), OutboundMediaBody(bytes(mulaw))))
+
+    def mark_message(self, name: str) -> bytes:
+        """Encode an outbound mark; Twilio echoes it when the audio before it has played.
+
+        Raises:
+            CallEnded: the stream has not started, or has ended.
+        """
+        return self._encoder.encode(OutboundMark(self._sending_sid(), OutboundMarkBody(name)))
+
+    def clear_message(self) -> bytes:
+        """Encode an outbound clear, which empties Twilio's queue of audio.
+
+        Raises:
+            CallEnded: the stream has not started, or has ended.
+        """
+        return self._encoder.encode(OutboundClear(self._sending_sid()))
+
+    def _sending_sid(self) -> str:
+        # Twilio flags a message with a missing or wrong streamSid (31951); nothing can be
+        # sent before start gives the SID, nor after the stream ended.
+        if self.state is not State.STREAMING:
+            raise CallEnded()
+        return self._stream_sid
 
     def _receive_start(self, msg: Start) -> None:
         if self.state is not State.AWAITING_START:
@@ -266,14 +303,14 @@ def _check_format(
         raise InvalidMessage("track-channels", f"{where}.{names[2]}", "channels is not 1")
 
 
-def _seed_ack(info: StreamInfo) -> str:
+def _seed_ack(info: StreamInfo) -> bytes:
     ack = SeedStartAck(
         protocol=SEED_ACK_PROTOCOL,
         version=SEED_ACK_VERSION,
         stream_sid=info.stream_sid,
         tracks=[SeedTrackAck(id=t) for t in info.tracks],
     )
-    return msgspec.json.encode(ack).decode()
+    return msgspec.json.encode(ack)
 
 
 _AT: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")

@@ -82,7 +82,14 @@ class WavRecorder:
         _write_json(self._partial_json(), meta)
 
     def write(self, track: str, mulaw: bytes | bytearray) -> None:
-        """Append a chunk of ``track``'s mu-law audio, decoded to PCM, to its WAV file."""
+        """Append a chunk of ``track``'s mu-law audio, decoded to PCM, to its WAV file.
+
+        A track ``start`` did not announce (the outbound audio of a bidirectional call) gets
+        its file on first write.
+        """
+        if track not in self._sizes:
+            self._partial_wav(track).write_bytes(wav_header(0))
+            self._sizes[track] = 0
         pcm = ulaw_to_pcm16(mulaw)
         with self._partial_wav(track).open("ab") as f:
             f.write(pcm)

@@ -34,6 +34,11 @@ __all__ = [
     "Media",
     "MediaBody",
     "MediaFormat",
+    "OutboundClear",
+    "OutboundMark",
+    "OutboundMarkBody",
+    "OutboundMedia",
+    "OutboundMediaBody",
     "SeedStartAck",
     "SeedTrack",
     "SeedTrackAck",
@@ -174,6 +179,38 @@ class SeedStartAck(msgspec.Struct, tag_field="event", tag="start", rename="camel
     version: str
     stream_sid: str
     tracks: list[SeedTrackAck]
+
+
+class OutboundMediaBody(msgspec.Struct):
+    """The ``media`` object the server sends: base64 mu-law with no file header."""
+
+    payload: bytes
+
+
+class OutboundMarkBody(msgspec.Struct):
+    """The ``mark`` object the server sends; ``name`` must be nested here (warning 31951 otherwise)."""
+
+    name: str
+
+
+class OutboundMedia(msgspec.Struct, tag_field="event", tag="media", rename="camel"):
+    """Audio for Twilio to play, queued after what it already has."""
+
+    stream_sid: str
+    media: OutboundMediaBody
+
+
+class OutboundMark(msgspec.Struct, tag_field="event", tag="mark", rename="camel"):
+    """A marker Twilio echoes back when the audio queued before it has played, or was cleared."""
+
+    stream_sid: str
+    mark: OutboundMarkBody
+
+
+class OutboundClear(msgspec.Struct, tag_field="event", tag="clear", rename="camel"):
+    """Empties Twilio's buffer of queued audio; pending marks are echoed back."""
+
+    stream_sid: str
 
 
 SEED_ACK_PROTOCOL: Final = "wss"

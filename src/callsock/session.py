@@ -12,6 +12,7 @@ ending a phone call because a recording could not be written would hurt the call
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn, Protocol
@@ -19,14 +20,16 @@ from typing import Any, Literal, NoReturn, Protocol
 import structlog
 
 from .buffer import AudioBuffer
-from .errors import InvalidMessage, StreamError
-from .g711 import BYTES_PER_MS
+from .errors import CallsockError, InvalidMessage, StreamError
+from .g711 import BYTES_PER_MS, SAMPLE_RATE
 from .protocol import StartAck, StreamInfo, StreamProtocol
 from .schema import Dtmf, InboundMessage, Media, Start
 
 __all__ = ["CallCounters", "CallSession", "EndReason", "Sink"]
 
-EndReason = Literal["stop", "replaced", "closed", "error", "shutdown"]
+EndReason = Literal["stop", "hangup", "replaced", "closed", "error", "shutdown"]
+"""Why a call ended: the peer sent ``stop``; the application hung up; a newer connection took
+over; the connection closed without ``stop``; an error; the server shut down."""
 
 
 class Sink(Protocol):
@@ -95,7 +98,11 @@ class CallSession:
         self.started_at: str | None = None
         self.ended_at: str | None = None
         self.end_reason: EndReason | None = None
-        self.last_error: StreamError | None = None
+        self.last_error: CallsockError | None = None
+        self.media_timestamp: int | None = None
+        """The timestamp, in ms, of the last media message (``None`` if it had none)."""
+        self.start_monotonic = 0.0
+        """The monotonic time at which ``start`` arrived: the stream's time zero."""
         self.dtmf: list[dict[str, str | None]] = []
         self.summary: dict[str, Any] | None = None
         self.log = log or structlog.get_logger("callsock")
@@ -141,11 +148,20 @@ class CallSession:
             self._record_error(exc)
             raise
 
-    def fail(self, error: StreamError) -> None:
-        """Record an error the driver detected (an oversized frame, say)."""
+    def fail(self, error: CallsockError) -> None:
+        """Record an error found outside the protocol (an oversized frame, a failed handler)."""
         self._record_error(error)
 
-    def data_to_send(self) -> list[str]:
+    def record_outbound(self, play_time: float, mulaw: bytes) -> None:
+        """Record audio the application sent, at the monotonic time it starts to play."""
+        buffer = self._buffer
+        if buffer is None or self.ended_at is not None:
+            return
+        buffer.add_track("outbound")
+        offset = round((play_time - self.start_monotonic) * SAMPLE_RATE)
+        buffer.add_at("outbound", max(offset, 0), mulaw)
+
+    def data_to_send(self) -> list[bytes]:
         """Return, and forget, the messages waiting to be sent to the peer."""
         return self.protocol.data_to_send()
 
@@ -197,6 +213,7 @@ class CallSession:
                 timestamp = -1
             if timestamp < 0:
                 self.protocol.fail(InvalidMessage("timestamp", "media.timestamp", "not a count of ms"))
+        self.media_timestamp = timestamp
         payload = media.payload
         self.counters.media_bytes += len(payload)
         assert self._buffer is not None
@@ -206,6 +223,7 @@ class CallSession:
         stream = self.stream
         assert stream is not None
         self.started_at = _now()
+        self.start_monotonic = time.monotonic()
         self.log = self.log.bind(callSid=stream.call_sid, streamSid=stream.stream_sid)
         self._buffer = AudioBuffer(stream.tracks, self._buffer_bytes, self._deliver)
         meta = self._describe(stream)
@@ -226,7 +244,7 @@ class CallSession:
         self.log.error("sink failed; call goes on without it", sink=type(sink).__name__, op=op, exc=str(exc))
         self._sinks.remove(sink)
 
-    def _record_error(self, exc: StreamError) -> None:
+    def _record_error(self, exc: CallsockError) -> None:
         if self.last_error is None:
             self.counters.errors += 1
             self.last_error = exc
@@ -251,7 +269,7 @@ class CallSession:
             "endedAt": self.ended_at,
             "endReason": self.end_reason,
             "error": self.last_error.rule if self.last_error else None,
-            "durationMs": round(max(buffer.position_ms(t) for t in stream.tracks)) if buffer else 0,
+            "durationMs": round(max(buffer.position_ms(t) for t in buffer.tracks)) if buffer else 0,
             "dtmf": self.dtmf,
             "counters": {
                 "messages": counters.messages,

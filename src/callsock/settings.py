@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .logs import LogFormat
 from .protocol import StartAck
+
+StreamMode = Literal["connect", "start"]
 
 __all__ = ["Settings"]
 
@@ -27,6 +30,13 @@ class Settings:
         log_format: ``json``, ``console`` or ``auto`` (console on a terminal).
         log_level: the lowest level logged.
         close_timeout: seconds to wait for the peer's close frame after sending ours.
+        stream_mode: ``connect`` (bidirectional ``<Connect><Stream>``) or ``start`` (a one-way
+            ``<Start><Stream>`` fork, on which the application may not send).
+        handler_queue_ms: the most audio that may wait for slow ``on_audio`` handlers.
+        send_lead_ms: how far outbound audio may run ahead of what the caller hears.
+        handler_drain_timeout: seconds the handlers may keep working after a call ends.
+        echo: serve the built-in echo (each inbound frame is sent back).
+        greeting: a WAV file played when a call starts.
     """
 
     host: str = "0.0.0.0"
@@ -40,6 +50,12 @@ class Settings:
     log_format: LogFormat = "auto"
     log_level: str = "info"
     close_timeout: float = 5.0
+    stream_mode: StreamMode = "connect"
+    handler_queue_ms: int = 10_000
+    send_lead_ms: int = 100
+    handler_drain_timeout: float = 10.0
+    echo: bool = False
+    greeting: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -50,5 +66,9 @@ class Settings:
             raise ValueError("max_calls must be at least 1")
         if self.buffer_bytes < 160:
             raise ValueError("buffer_bytes must be at least 160 (one 20 ms frame)")
+        if self.handler_queue_ms < 20:
+            raise ValueError("handler_queue_ms must be at least 20 (one frame)")
+        if self.send_lead_ms < 20:
+            raise ValueError("send_lead_ms must be at least 20 (one frame)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")

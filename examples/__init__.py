@@ -1,0 +1,1 @@
+"""Examples of callsock applications; each is exercised by tests/test_examples.py."""

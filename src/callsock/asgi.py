@@ -1,0 +1,141 @@
+"""An ASGI adapter: the same calls, handlers and recordings inside a FastAPI or Starlette app.
+
+``App.asgi()`` returns an :class:`ASGIAdapter`. Mount it where Twilio's ``<Stream url>`` points::
+
+    api = FastAPI()
+    calls = app.asgi()
+    api.router.routes.append(WebSocketRoute("/call", calls))   # starlette.routing
+
+Every WebSocket that reaches the adapter is a Media Stream; a plain HTTP request gets 426.
+(``api.mount("/call", calls)`` works too, but serves ``/call/`` and below, not ``/call``.)
+Routed or mounted applications get no lifespan events from Starlette, so call
+:meth:`ASGIAdapter.shutdown` from the host application's own shutdown to close calls with 1001
+and publish their recordings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from .connection import Connection
+from .errors import CallEnded, ServerBusy
+from .service import CallService
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["ASGIAdapter"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# uvicorn closes open WebSockets with 1012 (service restart) when it shuts down, before the
+# application's lifespan shutdown runs: those calls end because the server is stopping.
+_SERVICE_RESTART = 1012
+
+_UPGRADE_REQUIRED = b"426 Upgrade Required: this path serves Twilio Media Streams over WebSocket.\n"
+
+
+class _ASGITransport:
+    """The :class:`~callsock.connection.Transport` of an ASGI WebSocket."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        if self.closed:
+            raise CallEnded()
+        try:
+            await self._send({"type": "websocket.send", "text": data.decode()})
+        except (OSError, RuntimeError) as exc:  # servers differ: ClientDisconnected, RuntimeError
+            self.closed = True
+            raise CallEnded() from exc
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (OSError, RuntimeError):
+            pass
+
+
+class ASGIAdapter:
+    """An ASGI application serving Media Streams with an :class:`~callsock.app.App`'s handlers.
+
+    Args:
+        app: the handlers to run for each call.
+        settings: recording, limits and the rest; ``host``, ``port`` and ``path`` are the host
+            application's business and are ignored.
+    """
+
+    def __init__(self, app: App, settings: Settings) -> None:
+        self.service = CallService(settings, app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection: a WebSocket stream, an HTTP request, or lifespan events."""
+        kind = scope["type"]
+        if kind == "websocket":
+            await self._websocket(receive, send)
+        elif kind == "http":
+            await _upgrade_required(send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    def shutdown(self) -> None:
+        """Close every call with 1001 (endReason ``shutdown``); call from the host's shutdown."""
+        self.service.shut_down()
+
+    async def _websocket(self, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        await send({"type": "websocket.accept"})
+        transport = _ASGITransport(send)
+        connection = self.service.admit(transport)
+        if isinstance(connection, ServerBusy):
+            await transport.close(connection.close_code, connection.close_reason)
+            return
+        try:
+            await _read(receive, connection)
+        finally:
+            self.service.forget(connection)
+        await connection.wait_handlers()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _read(receive: Receive, connection: Connection) -> None:
+    receive_text = connection.receive_text
+    while True:
+        message = await receive()
+        if message["type"] != "websocket.receive":  # websocket.disconnect
+            if message.get("code") == _SERVICE_RESTART:
+                connection.note_shutdown()
+            return
+        text = message.get("text")
+        if text is None:
+            await connection.reject_binary()
+            return
+        result = receive_text(text)  # media returns None: nothing to await
+        if result is not None and await connection.act(result):
+            return
+
+
+async def _upgrade_required(send: Send) -> None:
+    headers = [(b"content-type", b"text/plain"), (b"upgrade", b"websocket"), (b"connection", b"Upgrade")]
+    await send({"type": "http.response.start", "status": 426, "headers": headers})
+    await send({"type": "http.response.body", "body": _UPGRADE_REQUIRED})

@@ -1,0 +1,286 @@
+"""One WebSocket connection, independent of the web framework that carries it.
+
+A driver (the aiohttp server, the ASGI adapter) reads frames and calls
+:meth:`Connection.receive_text` (synchronous: the per-media-message path awaits nothing),
+:meth:`Connection.control` for the few messages that need I/O, and :meth:`Connection.reject`
+for errors. Everything about a call that is not reading frames lives here: claiming the call
+in the registry, the start acknowledgement, the application's handlers and outbound audio,
+closing with the right code, and finishing the call exactly once, whatever ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .call import AudioFrame, Call, MarkEcho
+from .errors import (
+    CLOSE_NORMAL,
+    CallsockError,
+    HandlerFailed,
+    MessageTooBig,
+    Replaced,
+    StreamError,
+)
+from .logs import get_logger
+from .outbound import Outbound
+from .recording import WavRecorder
+from .runner import HandlerRunner
+from .schema import Dtmf, InboundMessage, Mark, Media, Start, Stop
+from .session import CallSession, EndReason, Sink
+
+if TYPE_CHECKING:
+    from .service import CallService
+
+__all__ = ["Connection", "Transport"]
+
+
+class Transport(Protocol):
+    """What a driver provides: sending text and closing, on its framework's WebSocket."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the WebSocket is closed or closing."""
+
+    async def send(self, data: bytes) -> None:
+        """Send one text message (``data`` is UTF-8)."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason``, waiting for the peer's close frame."""
+
+
+class Connection:
+    """One WebSocket connection and the call it carries."""
+
+    def __init__(self, service: CallService, transport: Transport, connection_id: str) -> None:
+        self.service = service
+        self.transport = transport
+        self.id = connection_id
+        settings = service.settings
+        sinks: list[Sink] = []
+        if settings.record:
+            sinks.append(WavRecorder(settings.record_dir, connection_id))
+        self.session = CallSession(
+            connection_id,
+            sinks=sinks,
+            buffer_bytes=settings.buffer_bytes,
+            start_ack=settings.start_ack,
+            log=get_logger(connection=connection_id),
+        )
+        self.call: Call | None = None
+        self.outbound: Outbound | None = None
+        self.runner: HandlerRunner | None = None
+        self._end_reason: EndReason | None = None
+        self._close_task: asyncio.Task[Any] | None = None
+        self._observe = service.metrics.observe_processing
+        self._debug = service.debug
+
+    def receive_text(self, data: str | bytes) -> InboundMessage | StreamError | None:
+        """Handle one text message; return what :meth:`act` must finish, or ``None`` (media)."""
+        began = time.perf_counter()
+        session = self.session
+        try:
+            event = session.receive_text(data)
+        except StreamError as exc:
+            return exc
+        if self._debug:
+            self._log_message(event, len(data))
+        if type(event) is Media:
+            runner = self.runner
+            if runner is not None and runner.wants_audio:
+                media = event.media
+                runner.audio(AudioFrame(media.track, session.media_timestamp, media.payload))
+            self._observe(time.perf_counter() - began)
+            return None
+        self._observe(time.perf_counter() - began)
+        return event
+
+    async def act(self, result: InboundMessage | StreamError) -> bool:
+        """Finish what :meth:`receive_text` returned; True when the connection is done."""
+        if isinstance(result, StreamError):
+            await self.reject(result)
+            return True
+        return await self.control(result)
+
+    async def control(self, event: InboundMessage) -> bool:
+        """Act on a message other than media; return True when the connection is done."""
+        if isinstance(event, Start):
+            await self._started()
+        elif isinstance(event, Dtmf):
+            if self.runner is not None:
+                self.runner.dtmf(event.dtmf.digit)
+        elif isinstance(event, Mark):
+            self._mark_echoed(event.mark.name)
+        elif isinstance(event, Stop):
+            self._end_reason = "stop"
+            self.finish()
+            await self._close(CLOSE_NORMAL, "stream stopped")
+            return True
+        return False
+
+    async def reject(self, error: StreamError) -> None:
+        """Log and count a broken rule, finish the call, and close with the rule's code."""
+        self.session.log.warning(
+            "message rejected",
+            rule=error.rule,
+            field=error.field,
+            detail=error.detail,
+            closeCode=error.close_code,
+        )
+        self.service.metrics.count_error(error.rule)
+        self.finish()
+        await self._close(error.close_code, error.close_reason)
+
+    async def reject_binary(self) -> None:
+        """Reject a binary frame (1003)."""
+        try:
+            self.session.receive_binary()
+        except StreamError as exc:
+            await self.reject(exc)
+
+    def receive_error(self, exc: BaseException, code: int | None = None) -> None:
+        """Note that the framework closed the socket on an error (a too-large frame got 1009)."""
+        if code == MessageTooBig.close_code:
+            error = MessageTooBig("message-too-big", "", "frame over the size limit")
+            self.session.fail(error)
+            self.service.metrics.count_error(error.rule)
+        self.session.log.warning("connection error", exc=str(exc), closeCode=code)
+
+    def note_shutdown(self) -> None:
+        """The framework closed the socket because the server is stopping."""
+        if self._end_reason is None:
+            self._end_reason = "shutdown"
+
+    def end(self, reason: EndReason, error: CallsockError) -> None:
+        """Close the connection from outside its reading task (replacement, shutdown, a handler)."""
+        if self._end_reason is None:
+            self._end_reason = reason
+        self.session.log.info("closing connection", endReason=reason, closeCode=error.close_code)
+        self._close_task = asyncio.ensure_future(self._close(error.close_code, error.close_reason))
+
+    async def hangup(self) -> None:
+        """The application ends the call: let sent audio play out, then close with 1000."""
+        outbound = self.outbound
+        if outbound is not None and not outbound.closed:
+            await outbound.flush()
+            remaining = outbound.playing_until - time.monotonic()
+            if remaining > 0:
+                try:
+                    await asyncio.wait_for(outbound.mark("callsock-hangup"), remaining + 2.0)
+                except (TimeoutError, CallsockError):
+                    pass
+        if self._end_reason is None:
+            self._end_reason = "hangup"
+        await self._close(CLOSE_NORMAL, "hangup")
+
+    def finish(self) -> None:
+        """Finish the call once: publish the recording, release the call, fold in the counters."""
+        session = self.session
+        if session.ended_at is not None:
+            return
+        if self.outbound is not None:
+            self.outbound.close()
+        summary = session.finish(self._end_reason or "closed")
+        stream = session.stream
+        service = self.service
+        if stream is not None:
+            service.registry.release(stream.call_key, self)
+        service.metrics.connection_finished(self)
+        if self.runner is not None:
+            self.runner.stop()
+        if summary is not None:
+            session.log.info(
+                "call ended",
+                endReason=summary["endReason"],
+                error=summary["error"],
+                durationMs=summary["durationMs"],
+                files=summary.get("files"),
+            )
+
+    async def wait_handlers(self) -> None:
+        """After the connection ends: let the handlers drain (bounded), then run ``on_stop``."""
+        if self.runner is not None:
+            await self.runner.finish(self.service.settings.handler_drain_timeout)
+
+    def describe(self) -> dict[str, Any]:
+        """Return what ``GET /calls`` shows of this connection."""
+        session = self.session
+        stream = session.stream
+        error = session.last_error
+        return {
+            "connectionId": self.id,
+            "callSid": stream.call_sid if stream else None,
+            "streamSid": stream.stream_sid if stream else None,
+            "state": session.protocol.state.value,
+            "connectedAt": session.connected_at,
+            "startedAt": session.started_at,
+            "messages": session.counters.total,
+            "errors": session.counters.errors,
+            "lastError": error.rule if error else None,
+        }
+
+    async def _started(self) -> None:
+        session = self.session
+        stream = session.stream
+        assert stream is not None
+        previous = self.service.registry.claim(stream.call_key, self)
+        if previous is not None:
+            self.service.metrics.connections_replaced += 1
+            previous.end("replaced", Replaced())
+        for text in session.data_to_send():
+            await self.transport.send(text)
+        session.log.info("stream started", dialect=stream.dialect, tracks=list(stream.tracks))
+        handlers = self.service.handlers
+        if handlers:
+            self._start_application(handlers)
+
+    def _start_application(self, handlers: Any) -> None:
+        session = self.session
+        stream = session.stream
+        assert stream is not None
+        settings = self.service.settings
+        self.outbound = Outbound(
+            session.protocol,
+            self.transport.send,
+            session.record_outbound,
+            lead=settings.send_lead_ms / 1000,
+        )
+        bidirectional = settings.stream_mode == "connect" and "outbound" not in stream.tracks
+        self.call = Call(
+            session,
+            self.outbound,
+            bidirectional=bidirectional,
+            hangup=self.hangup,
+            dropped_frames=lambda: self.runner.dropped_frames if self.runner else 0,
+        )
+        self.runner = HandlerRunner(
+            handlers,
+            self.call,
+            max_audio_ms=settings.handler_queue_ms,
+            on_failure=self._handler_failed,
+            log=session.log,
+        )
+        self.runner.start()
+
+    def _handler_failed(self, error: HandlerFailed) -> None:
+        self.session.fail(error)
+        self.service.metrics.count_error(error.rule)
+        self.end("error", error)
+
+    def _mark_echoed(self, name: str) -> None:
+        outcome = self.outbound.mark_echoed(name) if self.outbound is not None else "played"
+        if self.runner is not None:
+            self.runner.mark(MarkEcho(name, outcome))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if not self.transport.closed:
+            await self.transport.close(code, reason)
+
+    def _log_message(self, event: InboundMessage, size: int) -> None:
+        self.session.log.debug(
+            "message",
+            kind=type(event).__name__.lower(),
+            streamSid=getattr(event, "stream_sid", None),
+            size=size,
+        )

@@ -1,0 +1,99 @@
+"""The state a server shares across its connections, whatever framework carries them.
+
+A :class:`CallService` holds the settings, the application's handlers, the open connections,
+the call registry and the metrics. The aiohttp server and the ASGI adapter each own one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+from .app import App
+from .builtins import builtin_app
+from .connection import Connection, Transport
+from .errors import CLOSE_GOING_AWAY, CallsockError, ServerBusy
+from .logs import get_logger, level_number
+from .metrics import ServerMetrics
+from .registry import CallRegistry
+from .runner import Handlers
+from .settings import Settings
+
+__all__ = ["CallService", "ShuttingDown"]
+
+
+class ShuttingDown(CallsockError):
+    """The server is stopping; open calls are closed with 1001."""
+
+    close_code = CLOSE_GOING_AWAY
+
+    def __init__(self) -> None:
+        super().__init__("server shutting down")
+
+
+class CallService:
+    """Connections, the call registry, metrics and the application, for one server.
+
+    Args:
+        settings: what to serve and how.
+        app: the application whose handlers run for each call; the built-ins the settings ask
+            for (``echo``, ``greeting``) run after its handlers.
+    """
+
+    def __init__(self, settings: Settings, app: App | None = None) -> None:
+        self.settings = settings
+        self.app = app
+        self.handlers: Handlers = _combined_handlers(app, settings)
+        self.connections: dict[str, Connection] = {}
+        self.registry: CallRegistry[Connection] = CallRegistry()
+        self.metrics = ServerMetrics(lambda: list(self.connections.values()))
+        self.debug = level_number(settings.log_level) <= level_number("debug")
+        self.log = get_logger()
+        self.started_monotonic = time.monotonic()
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
+
+    def admit(self, transport: Transport) -> Connection | ServerBusy:
+        """Open a connection on ``transport``, or return the refusal if at ``max_calls``."""
+        if len(self.connections) >= self.settings.max_calls:
+            busy = ServerBusy(self.settings.max_calls)
+            self.metrics.connections_refused += 1
+            self.log.warning("connection refused", reason=str(busy), closeCode=busy.close_code)
+            return busy
+        connection = Connection(self, transport, f"{self._id_prefix}-{next(self._ids)}")
+        self.connections[connection.id] = connection
+        self.metrics.connections_opened += 1
+        return connection
+
+    def forget(self, connection: Connection) -> None:
+        """Drop a closed connection, finishing its call if that has not happened yet."""
+        connection.finish()
+        self.connections.pop(connection.id, None)
+
+    def shut_down(self) -> None:
+        """Close every open connection with 1001; each call is finished with ``shutdown``."""
+        for connection in list(self.connections.values()):
+            connection.end("shutdown", ShuttingDown())
+
+    def health(self) -> dict[str, Any]:
+        """Return liveness and load, as ``GET /health`` shows them."""
+        return {
+            "status": "ok",
+            "activeCalls": len(self.registry),
+            "connections": len(self.connections),
+            "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
+        }
+
+    def calls(self) -> list[dict[str, Any]]:
+        """Return the open connections, as ``GET /calls`` shows them."""
+        return [c.describe() for c in self.connections.values()]
+
+
+def _combined_handlers(app: App | None, settings: Settings) -> Handlers:
+    combined = App()
+    for part in (app, builtin_app(settings)):
+        if part is not None:
+            combined.include(part)
+    return combined.handlers
