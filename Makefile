@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test lint typecheck unit clean
+.PHONY: serve test lint typecheck unit bench soak clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callsock needs Python >= 3.11; set PYTHON=python3.11 or newer")'
@@ -35,6 +35,14 @@ unit: $(VENV)/.installed-dev
 	$(BIN)/pytest -m "not slow" $(ARGS)
 
 test: lint typecheck unit
+
+# The side-by-side benchmark (a few minutes; needs node and npm): see BENCHMARKS.md.
+bench: $(VENV)/.installed-dev benchmarks/node/node_modules
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+benchmarks/node/node_modules: benchmarks/node/package.json benchmarks/node/package-lock.json
+	cd benchmarks/node && npm ci --no-audit --no-fund
+	@touch $@
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

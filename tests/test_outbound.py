@@ -32,15 +32,25 @@ class VirtualTime:
 
 
 class Peer:
-    """Collects what the Outbound sends, with the virtual time of each send."""
+    """A Transport that collects what the Outbound sends, with the virtual time of each send."""
 
     def __init__(self, time: VirtualTime) -> None:
         self.time = time
         self.sent: list[tuple[float, dict[str, object]]] = []
         self.recorded: list[tuple[float, bytes]] = []
+        self.closing = False
 
-    async def send(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
         self.sent.append((self.time.now, json.loads(data)))
+
+    def write_buffer_size(self) -> int:
+        return 0
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        self.closing = True
 
     def record(self, play_time: float, mulaw: bytes) -> None:
         self.recorded.append((play_time, mulaw))
@@ -61,7 +71,7 @@ def make(lead: float = 0.1) -> tuple[Outbound, Peer, VirtualTime]:
     protocol.receive_text(twilio_start(STREAM))
     time = VirtualTime()
     peer = Peer(time)
-    outbound = Outbound(protocol, peer.send, peer.record, lead=lead, clock=time.clock, sleep=time.sleep)
+    outbound = Outbound(protocol, peer, peer.record, lead=lead, clock=time.clock, sleep=time.sleep)
     return outbound, peer, time
 
 
@@ -112,16 +122,12 @@ async def test_remainder_flushed_when_playback_runs_dry() -> None:
     """A trailing fragment is sent on its own once the audio before it has (nearly) played."""
     protocol = StreamProtocol()
     protocol.receive_text(twilio_start(STREAM))
-    sent: list[bytes] = []
-
-    async def send(data: bytes) -> None:
-        sent.append(base64.b64decode(json.loads(data)["media"]["payload"]))
-
-    outbound = Outbound(protocol, send, lambda t, b: None)
+    peer = Peer(VirtualTime())
+    outbound = Outbound(protocol, peer, lambda t, b: None)
     await outbound.audio(b"\x05" * (FRAME_BYTES + 10))
-    assert sent == [b"\x05" * FRAME_BYTES]
+    assert peer.payloads() == [b"\x05" * FRAME_BYTES]
     async with asyncio.timeout(2):
-        while len(sent) < 2:
+        while len(sent := peer.payloads()) < 2:
             await asyncio.sleep(0.005)
     assert sent[1] == b"\x05" * 10
 

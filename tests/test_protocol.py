@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from callsock.errors import InvalidMessage, PolicyViolation, StreamError, UnsupportedData
 from callsock.protocol import State, StreamProtocol
-from callsock.schema import Connected, Dtmf, Mark, Media, Start, Stop
+from callsock.schema import Connected, Dtmf, Mark, Media, OutboundMedia, OutboundMediaBody, Start, Stop
 
 SID = "MZ00000000000000000000000000000001"
 
@@ -290,3 +291,11 @@ def test_bytes_input_and_invalid_utf8() -> None:
     assert isinstance(protocol.receive_text(TWILIO_START.encode()), Start)
     error = rejects(streaming(), b'{"event": "media", "streamSid": "\xff"}')
     assert error.rule == "json"
+
+
+def test_media_message_equals_the_schema_encoding() -> None:
+    """The hand-built outbound media message is byte for byte what msgspec makes of the schema."""
+    protocol = streaming()
+    for audio in (b"", b"\x00", bytes(range(256)), b"\xff" * 160):
+        expected = msgspec.json.encode(OutboundMedia(SID, OutboundMediaBody(audio)))
+        assert protocol.media_message(audio) == expected

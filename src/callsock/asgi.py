@@ -15,6 +15,8 @@ and publish their recordings.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -41,29 +43,69 @@ _UPGRADE_REQUIRED = b"426 Upgrade Required: this path serves Twilio Media Stream
 
 
 class _ASGITransport:
-    """The :class:`~callsock.connection.Transport` of an ASGI WebSocket."""
+    """The :class:`~callsock.connection.Transport` of an ASGI WebSocket.
+
+    ASGI's ``send`` is a coroutine, so writes are queued and a task sends them, in order.
+    """
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self.closed = False
+        self._queue: deque[Message] = deque()
+        self._queued_bytes = 0
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._broken = False
+        self.closing = False
+        self._task = asyncio.ensure_future(self._pump())
 
-    async def send(self, data: bytes) -> None:
-        if self.closed:
+    def write(self, data: bytes) -> None:
+        if self.closing or self._broken:
             raise CallEnded()
-        try:
-            await self._send({"type": "websocket.send", "text": data.decode()})
-        except (OSError, RuntimeError) as exc:  # servers differ: ClientDisconnected, RuntimeError
-            self.closed = True
-            raise CallEnded() from exc
+        self._queue.append({"type": "websocket.send", "text": data.decode()})
+        self._queued_bytes += len(data)
+        self._drained.clear()
+        self._ready.set()
 
-    async def close(self, code: int, reason: str) -> None:
-        if self.closed:
+    def write_buffer_size(self) -> int:
+        return self._queued_bytes
+
+    async def drain(self) -> None:
+        await self._drained.wait()
+        if self._broken:
+            raise CallEnded()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing:
             return
-        self.closed = True
-        try:
-            await self._send({"type": "websocket.close", "code": code, "reason": reason})
-        except (OSError, RuntimeError):
-            pass
+        self.closing = True
+        self._queue.append({"type": "websocket.close", "code": code, "reason": reason})
+        self._ready.set()
+
+    async def flush(self) -> None:
+        """Send what is queued (the connection has ended), then stop the sending task."""
+        self.closing = True
+        self._ready.set()
+        await self._task
+
+    async def _pump(self) -> None:
+        while True:
+            if not self._queue:
+                self._queued_bytes = 0
+                self._drained.set()
+                if self.closing:
+                    return
+                self._ready.clear()
+                await self._ready.wait()
+                continue
+            message = self._queue.popleft()
+            if "text" in message:
+                self._queued_bytes -= len(message["text"])
+            try:
+                await self._send(message)
+            except (OSError, RuntimeError):  # servers differ: ClientDisconnected, RuntimeError
+                self._broken = True
+                self._queue.clear()
 
 
 class ASGIAdapter:
@@ -99,12 +141,14 @@ class ASGIAdapter:
         transport = _ASGITransport(send)
         connection = self.service.admit(transport)
         if isinstance(connection, ServerBusy):
-            await transport.close(connection.close_code, connection.close_reason)
+            transport.close(connection.close_code, connection.close_reason)
+            await transport.flush()
             return
         try:
             await _read(receive, connection)
         finally:
             self.service.forget(connection)
+            await transport.flush()
         await connection.wait_handlers()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -128,11 +172,9 @@ async def _read(receive: Receive, connection: Connection) -> None:
             return
         text = message.get("text")
         if text is None:
-            await connection.reject_binary()
-            return
-        result = receive_text(text)  # media returns None: nothing to await
-        if result is not None and await connection.act(result):
-            return
+            connection.receive_binary()
+        else:
+            receive_text(text)
 
 
 async def _upgrade_required(send: Send) -> None:

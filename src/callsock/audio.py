@@ -20,10 +20,13 @@ __all__ = ["PCM", "load_wav", "mulaw_to_pcm", "pcm_to_mulaw", "resample"]
 PCM = npt.NDArray[np.int16]
 """Mono 16-bit PCM samples."""
 
+# On little-endian machines (every platform Python runs callsock on) this is plain int16.
+_INT16_LE = np.dtype("<i2")
+
 
 def mulaw_to_pcm(mulaw: bytes | bytearray) -> PCM:
     """Decode mu-law bytes to int16 samples."""
-    return np.frombuffer(ulaw_to_pcm16(mulaw), dtype="<i2").astype(np.int16, copy=False)
+    return np.frombuffer(ulaw_to_pcm16(mulaw), dtype=_INT16_LE)
 
 
 def pcm_to_mulaw(pcm: PCM | bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
@@ -32,6 +35,9 @@ def pcm_to_mulaw(pcm: PCM | bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
     Raises:
         ValueError: the array is not one-dimensional int16, or the rate is not positive.
     """
+    if sample_rate == SAMPLE_RATE and type(pcm) is np.ndarray and pcm.dtype == _INT16_LE and pcm.ndim == 1:
+        # The common case, a frame at 8 kHz: audioop reads the array's buffer, no copy.
+        return pcm16_to_ulaw(pcm if pcm.flags.c_contiguous else pcm.copy())
     samples = _as_int16(pcm)
     if sample_rate != SAMPLE_RATE:
         samples = resample(samples, sample_rate, SAMPLE_RATE)

@@ -28,6 +28,17 @@ Deliver = Callable[[str, bytearray], None]
 _SILENCE_CHUNK: Final = bytes([MULAW_SILENCE]) * 8000
 
 
+class _Track:
+    __slots__ = ("buffer", "position", "skipped")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.position = 0  # bytes of this track on the timeline so far, buffered or delivered
+        # Timeline bytes a clamped jump skipped: later timestamps are read relative to the
+        # audio actually kept, so one jump is clamped once, not refilled by the next chunk.
+        self.skipped = 0
+
+
 class AudioBuffer:
     """Buffers mu-law audio per track, on the stream's timeline, up to ``capacity`` bytes.
 
@@ -55,23 +66,17 @@ class AudioBuffer:
         self.clamped_gaps = 0
         self._deliver = deliver
         self._max_gap = max_gap_ms * BYTES_PER_MS
-        self._buffers = {track: bytearray() for track in tracks}
-        self._positions = dict.fromkeys(self._buffers, 0)
-        # Per track, the timeline bytes a clamped jump skipped: later timestamps are read
-        # relative to the audio actually kept, so one jump is clamped once, not refilled.
-        self._skipped = dict.fromkeys(self._buffers, 0)
+        self._tracks = {track: _Track() for track in tracks}
 
     @property
     def tracks(self) -> tuple[str, ...]:
         """The tracks this buffer holds."""
-        return tuple(self._buffers)
+        return tuple(self._tracks)
 
     def add_track(self, track: str) -> None:
         """Start a new, empty track (the outbound audio of a bidirectional call, say)."""
-        if track not in self._buffers:
-            self._buffers[track] = bytearray()
-            self._positions[track] = 0
-            self._skipped[track] = 0
+        if track not in self._tracks:
+            self._tracks[track] = _Track()
 
     def add(self, track: str, timestamp_ms: int | None, data: bytes) -> None:
         """Add a chunk of ``track`` that starts at ``timestamp_ms`` (``None``: right after the last)."""
@@ -79,34 +84,36 @@ class AudioBuffer:
 
     def add_at(self, track: str, offset: int | None, data: bytes) -> None:
         """Add a chunk of ``track`` that starts ``offset`` samples into the stream (``None``: next)."""
+        state = self._tracks[track]
         if offset is not None:
-            gap = offset - self._skipped[track] - self._positions[track]
+            gap = offset - state.skipped - state.position
             if gap > 0:
                 if gap > self._max_gap:
-                    self._skipped[track] += gap - self._max_gap
+                    state.skipped += gap - self._max_gap
                     gap = self._max_gap
                     self.clamped_gaps += 1
                 self.add_silence(track, gap)
-        self._append(track, data)
+        self._append(state, data)
 
     def add_silence(self, track: str, count: int) -> None:
         """Append ``count`` bytes of mu-law silence to ``track``."""
         self.silence_bytes += count
+        state = self._tracks[track]
         while count > 0:
             chunk = min(count, len(_SILENCE_CHUNK), self.capacity)
-            self._append(track, _SILENCE_CHUNK[:chunk])
+            self._append(state, _SILENCE_CHUNK[:chunk])
             count -= chunk
 
     def align(self) -> None:
         """Pad every track with silence to the end of the longest, so all last as long as the stream."""
-        end = max(self._positions.values(), default=0)
-        for track, position in self._positions.items():
-            if position < end:
-                self.add_silence(track, end - position)
+        end = max((t.position for t in self._tracks.values()), default=0)
+        for track, state in self._tracks.items():
+            if state.position < end:
+                self.add_silence(track, end - state.position)
 
     def position_ms(self, track: str) -> float:
         """How far ``track`` reaches on the timeline, in milliseconds."""
-        return self._positions[track] / BYTES_PER_MS
+        return self._tracks[track].position / BYTES_PER_MS
 
     def flush(self) -> None:
         """Deliver everything buffered, then wipe and release it.
@@ -115,21 +122,21 @@ class AudioBuffer:
         buffer is wiped all the same and the error propagates.
         """
         try:
-            for track, buffer in self._buffers.items():
-                if buffer:
-                    self._deliver(track, buffer)
+            for track, state in self._tracks.items():
+                if state.buffer:
+                    self._deliver(track, state.buffer)
         finally:
-            for buffer in self._buffers.values():
-                buffer[:] = bytes(len(buffer))
-                buffer.clear()
+            for state in self._tracks.values():
+                state.buffer[:] = bytes(len(state.buffer))
+                state.buffer.clear()
             self.size = 0
 
-    def _append(self, track: str, data: bytes) -> None:
+    def _append(self, state: _Track, data: bytes) -> None:
         size = len(data)
         if self.size + size > self.capacity:
             self.flush()
-        self._buffers[track] += data
-        self._positions[track] += size
+        state.buffer += data
+        state.position += size
         self.size += size
         if self.size >= self.capacity:
             self.flush()

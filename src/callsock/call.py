@@ -159,12 +159,14 @@ class Call:
             OneWayStream: the stream is a one-way ``<Start>`` fork.
             CallEnded: the call has ended.
         """
-        self._check_bidirectional()
+        if not self.bidirectional:
+            raise OneWayStream()
         return await self._outbound.audio(pcm_to_mulaw(pcm, sample_rate))
 
     async def send_mulaw(self, data: bytes) -> bool:
         """Play raw 8 kHz mu-law bytes (no file header) to the caller; see :meth:`send_audio`."""
-        self._check_bidirectional()
+        if not self.bidirectional:
+            raise OneWayStream()
         return await self._outbound.audio(data)
 
     def play(self, pcm: PCM | bytes, sample_rate: int = SAMPLE_RATE) -> asyncio.Task[bool]:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import json
 import os
 import resource
 import signal
@@ -53,7 +54,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"callsock {__version__}")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_serve(commands)
+    _add_simulate(commands)
+    _add_bench(commands)
     return parser
+
+
+def _add_simulate(commands: Any) -> None:
+    simulate = commands.add_parser(
+        "simulate",
+        help="place one simulated Twilio call against a server and report what happened",
+        description=(
+            "Place one call the way Twilio does: connected, start, the audio at real-time pace, "
+            "DTMF, stop. Marks are echoed as Twilio does; what the server sends is checked and "
+            "its audio written with --out. Exits 0 when the call went through cleanly."
+        ),
+    )
+    simulate.set_defaults(command=_simulate)
+    simulate.add_argument("url", help="the WebSocket URL, e.g. ws://127.0.0.1:8081/call")
+    simulate.add_argument(
+        "--audio", type=Path, required=True, help="a PCM WAV file (any rate) the caller says"
+    )
+    simulate.add_argument(
+        "--dialect", choices=("twilio", "seed"), default="twilio", help="the start message's dialect"
+    )
+    simulate.add_argument(
+        "--fork", action="store_true", help="a one-way <Start><Stream>: the server may send nothing"
+    )
+    simulate.add_argument(
+        "--track", choices=("inbound", "outbound", "both"), default="inbound", help="with --fork: tracks sent"
+    )
+    simulate.add_argument("--dtmf", default="", help="digits pressed after the audio (0-9, *, #, A-D)")
+    simulate.add_argument(
+        "--param", action="append", default=[], metavar="K=V", help="a customParameter (repeatable)"
+    )
+    simulate.add_argument("--auth-token", help="sign the upgrade with X-Twilio-Signature using this token")
+    simulate.add_argument("--out", type=Path, help="write the audio the server sent back to this WAV file")
+    simulate.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_bench(commands: Any) -> None:
+    bench = commands.add_parser(
+        "bench",
+        help="many concurrent simulated calls against an echo server: latency and throughput",
+        description=(
+            "Run N concurrent calls against a server that echoes each media frame (callsock serve "
+            "--echo, say). echo: real-time frames, echo round trip percentiles; flood: as fast as "
+            "the server answers; idle: connect and start only."
+        ),
+    )
+    bench.set_defaults(command=_bench)
+    bench.add_argument("url", help="the WebSocket URL, e.g. ws://127.0.0.1:8081/call")
+    bench.add_argument("--calls", type=int, default=100, help="concurrent calls (default: 100)")
+    bench.add_argument("--seconds", type=float, default=10.0, help="measuring time once all calls started")
+    bench.add_argument("--mode", choices=("echo", "flood", "idle"), default="echo", help="the workload")
+    bench.add_argument("--ramp-ms", type=int, default=1000, help="spread the calls' starts over this long")
+    bench.add_argument("--window", type=int, default=32, help="flood: frames in flight per call")
+    bench.add_argument("--auth-token", help="sign each upgrade with X-Twilio-Signature using this token")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_serve(commands: Any) -> None:
@@ -202,6 +259,77 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**values, record=not args.no_record)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import SimulationConfig, simulate, write_reply
+    from .views import print_simulation
+
+    try:
+        parameters = dict(_key_value(p) for p in args.param)
+        if any(d not in "0123456789*#ABCD" for d in args.dtmf):
+            raise ValueError(f"--dtmf takes 0-9, *, #, A-D, got {args.dtmf!r}")
+        if not args.audio.is_file():
+            raise ValueError(f"--audio {args.audio}: no such file")
+        config = SimulationConfig(
+            url=args.url,
+            audio=args.audio,
+            dialect=args.dialect,
+            fork=args.fork,
+            track=args.track,
+            dtmf=args.dtmf,
+            parameters=parameters,
+            auth_token=args.auth_token,
+        )
+        report = _run(simulate(config))
+    except ValueError as exc:
+        print(f"callsock simulate: error: {exc}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        write_reply(report, args.out)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print_simulation(report, args.out)
+    return 0 if report.ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, run_bench
+    from .signatures import signature_for
+    from .views import BenchProgress, print_bench
+
+    headers = {"X-Twilio-Signature": signature_for(args.auth_token, args.url, {})} if args.auth_token else {}
+    try:
+        config = BenchConfig(
+            url=args.url,
+            calls=args.calls,
+            seconds=args.seconds,
+            mode=args.mode,
+            ramp_ms=args.ramp_ms,
+            window=args.window,
+            headers=headers,
+        )
+        if args.json:
+            report = _run(run_bench(config))
+        else:
+            with BenchProgress(config) as progress:
+                report = _run(run_bench(config, progress.update))
+    except ValueError as exc:
+        print(f"callsock bench: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print_bench(report)
+    return 0 if report.failed == 0 and report.connected == config.calls else 1
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--param takes KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
@@ -234,13 +362,12 @@ async def _serve_until_signal(server: CallServer) -> None:
         await server.stop()
 
 
-def _run(coro: Any) -> None:
+def _run(coro: Any) -> Any:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _raise_file_limit() -> None:

@@ -1,11 +1,15 @@
 """One WebSocket connection, independent of the web framework that carries it.
 
-A driver (the aiohttp server, the ASGI adapter) reads frames and calls
-:meth:`Connection.receive_text` (synchronous: the per-media-message path awaits nothing),
-:meth:`Connection.control` for the few messages that need I/O, and :meth:`Connection.reject`
-for errors. Everything about a call that is not reading frames lives here: claiming the call
-in the registry, the start acknowledgement, the application's handlers and outbound audio,
-closing with the right code, and finishing the call exactly once, whatever ends it.
+A driver (the aiohttp server, the ASGI adapter) parses frames and calls
+:meth:`Connection.receive_text` for each text message. Everything here is synchronous: writes
+go to the :class:`Transport`, which queues them in order, so the per-message path awaits
+nothing and a ``start`` is fully acted on (call claimed, acknowledgement written, application
+started) before the next message is read. Only the application's handlers and outbound pacing
+run in tasks.
+
+Everything about a call that is not moving bytes lives here: claiming the call in the
+registry, the start acknowledgement, the application's handlers and outbound audio, closing
+with the right code, and finishing the call exactly once, whatever ends it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .errors import (
 from .logs import get_logger
 from .outbound import Outbound
 from .recording import WavRecorder
-from .runner import HandlerRunner
+from .runner import HandlerRunner, Handlers
 from .schema import Dtmf, InboundMessage, Mark, Media, Start, Stop
 from .session import CallSession, EndReason, Sink
 
@@ -37,17 +41,27 @@ __all__ = ["Connection", "Transport"]
 
 
 class Transport(Protocol):
-    """What a driver provides: sending text and closing, on its framework's WebSocket."""
+    """What a driver provides: ordered text writes, backpressure, and closing."""
 
     @property
-    def closed(self) -> bool:
-        """Whether the WebSocket is closed or closing."""
+    def closing(self) -> bool:
+        """Whether a close has begun (no more messages may be written)."""
 
-    async def send(self, data: bytes) -> None:
-        """Send one text message (``data`` is UTF-8)."""
+    def write(self, data: bytes) -> None:
+        """Queue one text message (``data`` is UTF-8), in order.
 
-    async def close(self, code: int, reason: str) -> None:
-        """Close with ``code`` and ``reason``, waiting for the peer's close frame."""
+        Raises:
+            CallEnded: the connection is closing or closed.
+        """
+
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet taken by the network."""
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its limit again."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Begin the closing handshake with ``code`` and ``reason``; idempotent."""
 
 
 class Connection:
@@ -72,18 +86,20 @@ class Connection:
         self.outbound: Outbound | None = None
         self.runner: HandlerRunner | None = None
         self._end_reason: EndReason | None = None
-        self._close_task: asyncio.Task[Any] | None = None
         self._observe = service.metrics.observe_processing
         self._debug = service.debug
 
-    def receive_text(self, data: str | bytes) -> InboundMessage | StreamError | None:
-        """Handle one text message; return what :meth:`act` must finish, or ``None`` (media)."""
+    def receive_text(self, data: str | bytes | bytearray) -> None:
+        """Handle one text message: validate it and act on it, all before returning."""
+        if self.transport.closing:
+            return  # the closing handshake has begun: later data is ignored (RFC 6455 5.5.1)
         began = time.perf_counter()
         session = self.session
         try:
             event = session.receive_text(data)
         except StreamError as exc:
-            return exc
+            self.reject(exc)
+            return
         if self._debug:
             self._log_message(event, len(data))
         if type(event) is Media:
@@ -91,35 +107,26 @@ class Connection:
             if runner is not None and runner.wants_audio:
                 media = event.media
                 runner.audio(AudioFrame(media.track, session.media_timestamp, media.payload))
-            self._observe(time.perf_counter() - began)
-            return None
+        else:
+            self._control(event)
         self._observe(time.perf_counter() - began)
-        return event
 
-    async def act(self, result: InboundMessage | StreamError) -> bool:
-        """Finish what :meth:`receive_text` returned; True when the connection is done."""
-        if isinstance(result, StreamError):
-            await self.reject(result)
-            return True
-        return await self.control(result)
+    def receive_binary(self) -> None:
+        """Reject a binary frame (1003)."""
+        if self.transport.closing:
+            return
+        try:
+            self.session.receive_binary()
+        except StreamError as exc:
+            self.reject(exc)
 
-    async def control(self, event: InboundMessage) -> bool:
-        """Act on a message other than media; return True when the connection is done."""
-        if isinstance(event, Start):
-            await self._started()
-        elif isinstance(event, Dtmf):
-            if self.runner is not None:
-                self.runner.dtmf(event.dtmf.digit)
-        elif isinstance(event, Mark):
-            self._mark_echoed(event.mark.name)
-        elif isinstance(event, Stop):
-            self._end_reason = "stop"
-            self.finish()
-            await self._close(CLOSE_NORMAL, "stream stopped")
-            return True
-        return False
+    def receive_oversized(self, limit: int) -> None:
+        """Reject a message over the size limit (1009)."""
+        error = MessageTooBig("message-too-big", "", f"message over {limit} bytes")
+        self.session.fail(error)
+        self.reject(error)
 
-    async def reject(self, error: StreamError) -> None:
+    def reject(self, error: StreamError) -> None:
         """Log and count a broken rule, finish the call, and close with the rule's code."""
         self.session.log.warning(
             "message rejected",
@@ -129,35 +136,21 @@ class Connection:
             closeCode=error.close_code,
         )
         self.service.metrics.count_error(error.rule)
-        self.finish()
-        await self._close(error.close_code, error.close_reason)
+        self._close(error.close_code, error.close_reason)
 
-    async def reject_binary(self) -> None:
-        """Reject a binary frame (1003)."""
-        try:
-            self.session.receive_binary()
-        except StreamError as exc:
-            await self.reject(exc)
-
-    def receive_error(self, exc: BaseException, code: int | None = None) -> None:
-        """Note that the framework closed the socket on an error (a too-large frame got 1009)."""
-        if code == MessageTooBig.close_code:
-            error = MessageTooBig("message-too-big", "", "frame over the size limit")
-            self.session.fail(error)
-            self.service.metrics.count_error(error.rule)
-        self.session.log.warning("connection error", exc=str(exc), closeCode=code)
+    def end(self, reason: EndReason, error: CallsockError) -> None:
+        """Close the connection from outside (replacement, shutdown, a failed handler)."""
+        if self.transport.closing:
+            return
+        if self._end_reason is None:
+            self._end_reason = reason
+        self.session.log.info("closing connection", endReason=reason, closeCode=error.close_code)
+        self._close(error.close_code, error.close_reason)
 
     def note_shutdown(self) -> None:
         """The framework closed the socket because the server is stopping."""
         if self._end_reason is None:
             self._end_reason = "shutdown"
-
-    def end(self, reason: EndReason, error: CallsockError) -> None:
-        """Close the connection from outside its reading task (replacement, shutdown, a handler)."""
-        if self._end_reason is None:
-            self._end_reason = reason
-        self.session.log.info("closing connection", endReason=reason, closeCode=error.close_code)
-        self._close_task = asyncio.ensure_future(self._close(error.close_code, error.close_reason))
 
     async def hangup(self) -> None:
         """The application ends the call: let sent audio play out, then close with 1000."""
@@ -172,7 +165,7 @@ class Connection:
                     pass
         if self._end_reason is None:
             self._end_reason = "hangup"
-        await self._close(CLOSE_NORMAL, "hangup")
+        self._close(CLOSE_NORMAL, "hangup")
 
     def finish(self) -> None:
         """Finish the call once: publish the recording, release the call, fold in the counters."""
@@ -220,7 +213,24 @@ class Connection:
             "lastError": error.rule if error else None,
         }
 
-    async def _started(self) -> None:
+    def _control(self, event: InboundMessage) -> None:
+        if isinstance(event, Start):
+            self._started()
+        elif isinstance(event, Dtmf):
+            if self.runner is not None:
+                self.runner.dtmf(event.dtmf.digit)
+        elif isinstance(event, Mark):
+            self._mark_echoed(event.mark.name)
+        elif isinstance(event, Stop):
+            self._end_reason = "stop"
+            self._close(CLOSE_NORMAL, "stream stopped")
+
+    def _close(self, code: int, reason: str) -> None:
+        # Once a close frame is sent nothing more is read, so the call is over: publish it now.
+        self.finish()
+        self.transport.close(code, reason)
+
+    def _started(self) -> None:
         session = self.session
         stream = session.stream
         assert stream is not None
@@ -229,20 +239,19 @@ class Connection:
             self.service.metrics.connections_replaced += 1
             previous.end("replaced", Replaced())
         for text in session.data_to_send():
-            await self.transport.send(text)
+            self.transport.write(text)
         session.log.info("stream started", dialect=stream.dialect, tracks=list(stream.tracks))
-        handlers = self.service.handlers
-        if handlers:
-            self._start_application(handlers)
+        if self.service.handlers:
+            self._start_application(self.service.handlers)
 
-    def _start_application(self, handlers: Any) -> None:
+    def _start_application(self, handlers: Handlers) -> None:
         session = self.session
         stream = session.stream
         assert stream is not None
         settings = self.service.settings
         self.outbound = Outbound(
             session.protocol,
-            self.transport.send,
+            self.transport,
             session.record_outbound,
             lead=settings.send_lead_ms / 1000,
         )
@@ -272,10 +281,6 @@ class Connection:
         outcome = self.outbound.mark_echoed(name) if self.outbound is not None else "played"
         if self.runner is not None:
             self.runner.mark(MarkEcho(name, outcome))
-
-    async def _close(self, code: int, reason: str) -> None:
-        if not self.transport.closed:
-            await self.transport.close(code, reason)
 
     def _log_message(self, event: InboundMessage, size: int) -> None:
         self.session.log.debug(

@@ -7,7 +7,8 @@ The hierarchy::
     │   ├── InvalidMessage        1007: not JSON, wrong schema, bad base64, bad track config
     │   ├── UnsupportedData       1003: a binary frame
     │   ├── PolicyViolation       1008: out of order, second start, wrong streamSid
-    │   └── MessageTooBig         1009: a frame over the size limit
+    │   ├── MessageTooBig         1009: a frame over the size limit
+    │   └── FramingError          1002: a WebSocket frame RFC 6455 forbids
     ├── ServerBusy                1013: the server is at its call limit
     ├── Replaced                  4000: a newer connection took over the call
     ├── HandlerFailed             1011: an application handler raised; the call ends
@@ -27,6 +28,7 @@ __all__ = [
     "CallEnded",
     "CallsockError",
     "ConfigurationError",
+    "FramingError",
     "HandlerFailed",
     "InvalidMessage",
     "MessageTooBig",
@@ -42,6 +44,7 @@ __all__ = [
 # The WebSocket close codes callsock uses (RFC 6455 section 7.4.1, plus one private code).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY_VIOLATION = 1008
@@ -110,6 +113,12 @@ class MessageTooBig(StreamError):
     """A frame exceeded the configured maximum message size."""
 
     close_code = CLOSE_MESSAGE_TOO_BIG
+
+
+class FramingError(StreamError):
+    """The WebSocket framing itself is broken (unmasked, reserved bits, bad opcode...)."""
+
+    close_code = CLOSE_PROTOCOL_ERROR
 
 
 class ServerBusy(CallsockError):

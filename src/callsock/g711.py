@@ -9,7 +9,9 @@ Nothing here assumes a frame size.
 from __future__ import annotations
 
 import warnings
-from typing import Final
+from typing import Any, Final
+
+Buffer = Any  # anything with the buffer protocol: bytes, bytearray, memoryview, numpy arrays
 
 with warnings.catch_warnings():
     # Python 3.11 and 3.12 warn that audioop leaves the standard library in 3.13;
@@ -32,11 +34,11 @@ BYTES_PER_MS: Final = SAMPLE_RATE // 1000
 """Mu-law bytes in one millisecond of audio."""
 
 
-def ulaw_to_pcm16(data: bytes | bytearray | memoryview) -> bytes:
+def ulaw_to_pcm16(data: Buffer) -> bytes:
     """Decode mu-law bytes to 16-bit little-endian PCM (two bytes out per byte in)."""
     return audioop.ulaw2lin(data, SAMPLE_WIDTH)
 
 
-def pcm16_to_ulaw(data: bytes | bytearray | memoryview) -> bytes:
-    """Encode 16-bit little-endian PCM to mu-law (one byte out per sample in)."""
+def pcm16_to_ulaw(data: Buffer) -> bytes:
+    """Encode 16-bit little-endian PCM (any buffer, a numpy int16 array included) to mu-law."""
     return audioop.lin2ulaw(data, SAMPLE_WIDTH)

@@ -24,11 +24,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from .errors import CallEnded
 from .g711 import BYTES_PER_MS, SAMPLE_RATE
 from .protocol import StreamProtocol
+
+if TYPE_CHECKING:
+    from .connection import Transport
 
 __all__ = ["FRAME_BYTES", "MarkOutcome", "Outbound"]
 
@@ -37,6 +40,9 @@ MarkOutcome = Literal["played", "cleared"]
 FRAME_BYTES: Final = 20 * BYTES_PER_MS
 """One 20 ms frame of mu-law: the unit outbound audio is sent in."""
 
+_FRAME_SECONDS: Final = FRAME_BYTES / SAMPLE_RATE
+_WRITE_HIGH_WATER: Final = 64 * 1024
+"""Past this many bytes waiting in the socket's buffer, sending waits for the peer to read."""
 _CLEARED_ECHOES_KEPT: Final = 256
 
 
@@ -52,7 +58,7 @@ class Outbound:
 
     Args:
         protocol: encodes messages with the stream's SID.
-        send: sends one text message (UTF-8 bytes) on the WebSocket.
+        transport: where messages are written.
         record: called with ``(play_time, mulaw)`` for every chunk sent, ``play_time`` being the
             monotonic time at which the chunk starts to play.
         lead: how far, in seconds, queued audio may run ahead of playback.
@@ -62,7 +68,7 @@ class Outbound:
     def __init__(
         self,
         protocol: StreamProtocol,
-        send: Callable[[bytes], Awaitable[None]],
+        transport: Transport,
         record: Callable[[float, bytes], None],
         *,
         lead: float = 0.1,
@@ -70,7 +76,7 @@ class Outbound:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._protocol = protocol
-        self._send = send
+        self._transport = transport
         self._record = record
         self.lead = lead
         self._clock = clock
@@ -109,7 +115,23 @@ class Outbound:
         Raises:
             CallEnded: the call's connection has closed.
         """
-        self._check_open()
+        if self.closed:
+            raise CallEnded()
+        if len(mulaw) == FRAME_BYTES and not self._pending and not self._lock.locked():
+            # The streaming case (an echo, a TTS frame by frame): one whole frame, nothing
+            # queued before it. If playback leaves room for it, send it now, without the lock.
+            now = self._clock()
+            if self._play_end + _FRAME_SECONDS - self.lead <= now:
+                start = self._play_end if self._play_end > now else now
+                self._play_end = start + _FRAME_SECONDS
+                self._record(start, mulaw)
+                self.media_sent += 1
+                self.bytes_sent += FRAME_BYTES
+                transport = self._transport
+                transport.write(self._protocol.media_message(mulaw))
+                if transport.write_buffer_size() > _WRITE_HIGH_WATER:
+                    await transport.drain()
+                return True
         async with self._lock:
             self._cancel_flush()
             self._pending += mulaw
@@ -175,6 +197,12 @@ class Outbound:
             self._cleared_echoes.remove(name)
             return "cleared"
         return "played"
+
+    async def _send(self, data: bytes) -> None:
+        transport = self._transport
+        transport.write(data)
+        if transport.write_buffer_size() > _WRITE_HIGH_WATER:
+            await transport.drain()
 
     def close(self) -> None:
         """The connection is gone: fail pending marks and refuse further sends."""

@@ -16,6 +16,7 @@ States::
 
 from __future__ import annotations
 
+import binascii
 import enum
 import re
 from dataclasses import dataclass, field
@@ -37,8 +38,6 @@ from .schema import (
     OutboundClear,
     OutboundMark,
     OutboundMarkBody,
-    OutboundMedia,
-    OutboundMediaBody,
     SeedStartAck,
     SeedTrack,
     SeedTrackAck,
@@ -117,12 +116,13 @@ class StreamProtocol:
         self.stream: StreamInfo | None = None
         self.error: StreamError | None = None
         self._stream_sid = ""
+        self._media_prefix = b""
         self._tracks: tuple[str, ...] = ()
         self._decoder = decoder()
         self._encoder = msgspec.json.Encoder()
         self._outgoing: list[bytes] = []
 
-    def receive_text(self, data: str | bytes) -> InboundMessage:
+    def receive_text(self, data: str | bytes | bytearray) -> InboundMessage:
         """Decode and validate one text message.
 
         Returns:
@@ -171,7 +171,11 @@ class StreamProtocol:
         Raises:
             CallEnded: the stream has not started, or has ended.
         """
-        return self._encoder.encode(OutboundMedia(self._sending_sid(), OutboundMediaBody(bytes(mulaw))))
+        if self.state is not State.STREAMING:
+            raise CallEnded()
+        # The same bytes msgspec makes of OutboundMedia (a test holds them equal), built from
+        # a prefix made once per stream: this runs for every 20 ms of audio sent.
+        return self._media_prefix + binascii.b2a_base64(mulaw, newline=False) + b'"}}'
 
     def mark_message(self, name: str) -> bytes:
         """Encode an outbound mark; Twilio echoes it when the audio before it has played.
@@ -205,6 +209,9 @@ class StreamProtocol:
             self.fail(exc)
         self.stream = info
         self._stream_sid = info.stream_sid
+        self._media_prefix = (
+            b'{"event":"media","streamSid":"%s","media":{"payload":"' % info.stream_sid.encode()
+        )
         self._tracks = info.tracks
         self.state = State.STREAMING
         if self.start_ack == "always" or (self.start_ack == "auto" and info.dialect == "seed"):

@@ -9,6 +9,15 @@ is logged: the same policy Twilio applies upstream when a server falls behind (w
 A handler that raises is logged once with its traceback and ends the call (``endReason``
 ``error``, ``error`` ``handler``); the call's ``on_stop`` handlers still run, so the application
 can clean up. A handler that is sending when the call ends simply stops (:class:`CallEnded`).
+
+Eager audio. A frame usually arrives when the call's task is idle, and ``on_audio`` usually
+finishes without waiting for anything (an echo, a VAD update, a chunk handed to a speech
+service). Waking a task for each of fifty frames a second per call costs more than the handler.
+So when the task is idle, the audio handlers are started right away, on the reading path, with
+the call's task set as the current task (so ``asyncio.current_task()`` and ``asyncio.timeout``
+behave as inside it). A handler that finishes is done; one that has to wait is handed to the
+call's task, which resumes it where it stopped and keeps the order of everything after it. This
+is what Python 3.12's eager tasks do, without creating a task per frame.
 """
 
 from __future__ import annotations
@@ -16,15 +25,23 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import structlog
 
 from .call import AudioFrame, Call, MarkEcho
 from .errors import CallEnded, HandlerFailed
+from .g711 import BYTES_PER_MS
 
 __all__ = ["HandlerRunner", "Handlers"]
+
+try:  # the hooks asyncio.Task itself uses to mark the running task (3.11 to 3.14)
+    from asyncio.tasks import _enter_task, _leave_task
+
+    EAGER = True
+except ImportError:  # pragma: no cover - a Python without them runs every handler in the task
+    EAGER = False
 
 
 class _Kind(enum.Enum):
@@ -47,6 +64,26 @@ class Handlers:
 
     def __bool__(self) -> bool:
         return bool(self.start or self.audio or self.dtmf or self.mark or self.stop)
+
+
+class _Suspended:
+    """A handler that started eagerly and has to wait: the task resumes it."""
+
+    __slots__ = ("args", "coro", "handler", "rest", "waiting_on")
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        waiting_on: Any,
+        handler: Callable[..., Any],
+        rest: Sequence[Callable[..., Any]],
+        args: tuple[Any, ...],
+    ) -> None:
+        self.coro = coro
+        self.waiting_on = waiting_on
+        self.handler = handler
+        self.rest = rest
+        self.args = args
 
 
 class HandlerRunner:
@@ -81,18 +118,28 @@ class HandlerRunner:
         self._queued_audio_ms = 0.0
         self._wake = asyncio.Event()
         self._stopping = False
-        self._task = asyncio.create_task(self._run())
+        self._idle = False
+        self._suspended: _Suspended | None = None
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
 
     def start(self) -> None:
         """Queue ``on_start``."""
         self._push(_Kind.START, None)
 
     def audio(self, frame: AudioFrame) -> None:
-        """Queue a frame for ``on_audio``, dropping the oldest frames past the bound."""
+        """Run ``on_audio`` for a frame now if the call's task is idle, else queue it.
+
+        A queued frame waits behind the others; past the bound the oldest frames are dropped.
+        """
+        if self._idle and not self._events and EAGER and not self.failed:
+            if self._run_eagerly(self.handlers.audio, (self.call, frame)):
+                return
         self._events.append((_Kind.AUDIO, frame))
-        self._queued_audio_ms += frame.duration_ms
-        while self._queued_audio_ms > self._max_audio_ms and self._drop_oldest_audio():
-            pass
+        self._queued_audio_ms += len(frame.mulaw) / BYTES_PER_MS
+        if self._queued_audio_ms > self._max_audio_ms:
+            while self._queued_audio_ms > self._max_audio_ms and self._drop_oldest_audio():
+                pass
         self._wake.set()
 
     def dtmf(self, digit: str) -> None:
@@ -139,16 +186,50 @@ class HandlerRunner:
                 return True
         return False
 
+    def _run_eagerly(self, handlers: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> bool:
+        """Run the handlers now as the call's task; False if another task is running (then queue)."""
+        try:
+            _enter_task(self._loop, self._task)
+        except RuntimeError:  # called from a task (the ASGI driver reads in one), not a callback
+            return False
+        try:
+            for index, handler in enumerate(handlers):
+                coro = handler(*args)
+                try:
+                    waiting_on = coro.send(None)
+                except StopIteration:
+                    continue
+                except CallEnded:
+                    return True
+                except Exception as exc:
+                    self._fail(handler, exc)
+                    return True
+                self._suspended = _Suspended(coro, waiting_on, handler, handlers[index + 1 :], args)
+                self._idle = False
+                self._wake.set()
+                return True
+            return True
+        finally:
+            _leave_task(self._loop, self._task)
+
     async def _run(self) -> None:
         events = self._events
         while True:
+            suspended = self._suspended
+            if suspended is not None:
+                self._suspended = None
+                if await self._resume(suspended):
+                    await self._call_each(suspended.rest, suspended.args)
+                continue
             if not events:
                 self._wake.clear()
+                self._idle = True
                 await self._wake.wait()
+                self._idle = False
                 continue
             kind, arg = events.popleft()
             if kind is _Kind.AUDIO:
-                self._queued_audio_ms -= arg.duration_ms
+                self._queued_audio_ms -= len(arg.mulaw) / BYTES_PER_MS
                 if not self.failed:
                     await self._call_each(self.handlers.audio, (self.call, arg))
             elif kind is _Kind.STOP:
@@ -158,16 +239,54 @@ class HandlerRunner:
                 handlers = getattr(self.handlers, kind.value)
                 await self._call_each(handlers, (self.call,) if arg is None else (self.call, arg))
 
+    async def _resume(self, suspended: _Suspended) -> bool:
+        """Drive an eagerly started handler to its end, as its task would; True if it succeeded.
+
+        The coroutine yielded the future it waits on. Once that future is done (or this task is
+        cancelled, which cancels it), the coroutine is resumed and sees the outcome itself.
+        """
+        coro, waiting_on = suspended.coro, suspended.waiting_on
+        while True:
+            thrown: BaseException | None = None
+            if waiting_on is not None and not asyncio.isfuture(waiting_on):
+                thrown = RuntimeError(f"handler yielded {waiting_on!r}, not a future")
+            else:
+                if waiting_on is not None:
+                    # The coroutine's await marked the future as blocking on it; a task clears
+                    # that mark when it takes the future over, and so does this one.
+                    waiting_on._asyncio_future_blocking = False
+                try:
+                    await (asyncio.sleep(0) if waiting_on is None else waiting_on)
+                except asyncio.CancelledError as exc:
+                    # This task was cancelled. If the future took the cancellation, the coroutine
+                    # sees it when it reads the future; otherwise it is thrown in.
+                    if waiting_on is None or not waiting_on.cancelled():
+                        thrown = exc
+                except BaseException:
+                    pass
+            try:
+                waiting_on = coro.send(None) if thrown is None else coro.throw(thrown)
+            except StopIteration:
+                return True
+            except CallEnded:
+                return False
+            except Exception as exc:
+                self._fail(suspended.handler, exc)
+                return False
+
     async def _call_each(self, handlers: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> None:
         for handler in handlers:
             try:
                 await handler(*args)
             except CallEnded:
                 return
-            except Exception:
-                name = getattr(handler, "__qualname__", repr(handler))
-                self._log.exception("handler failed; ending the call", handler=name)
-                if not self.failed:
-                    self.failed = True
-                    self._on_failure(HandlerFailed(name))
+            except Exception as exc:
+                self._fail(handler, exc)
                 return
+
+    def _fail(self, handler: Callable[..., Any], exc: Exception) -> None:
+        name = getattr(handler, "__qualname__", repr(handler))
+        self._log.error("handler failed; ending the call", handler=name, exc_info=exc)
+        if not self.failed:
+            self.failed = True
+            self._on_failure(HandlerFailed(name))

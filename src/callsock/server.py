@@ -1,7 +1,11 @@
 """The aiohttp server: the Media Streams WebSocket and the HTTP routes, on one port.
 
-This module only moves frames: each WebSocket's reading loop hands text to its
-:class:`~callsock.connection.Connection`, where every rule and every call's lifecycle lives.
+aiohttp serves HTTP (``/health``, ``/calls``, ``/metrics``, and later the TwiML webhooks) and
+answers the WebSocket upgrade. From the ``101 Switching Protocols`` on, the connection's bytes
+go to a :class:`_Stream`, installed as the request's payload parser (the hook aiohttp's own
+WebSocket uses): frames are parsed as bytes arrive (:mod:`callsock.frames`) and each message
+goes to its :class:`~callsock.connection.Connection` at once, with no task woken per message;
+replies are framed and written straight to the transport.
 
 Routes:
     ``GET <path>``: the WebSocket (a plain GET answers 426).
@@ -12,14 +16,39 @@ Routes:
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 from typing import Any, Final
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from .app import App
 from .connection import Connection
-from .errors import CallEnded, ServerBusy
+from .errors import (
+    CLOSE_NORMAL,
+    CallEnded,
+    FramingError,
+    InvalidMessage,
+    MessageTooBig,
+    ServerBusy,
+    StreamError,
+)
+from .frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameReader,
+    accept_key,
+    close_frame,
+    encode_frame,
+    parse_close,
+)
 from .metrics import CONTENT_TYPE
 from .service import CallService
 from .settings import Settings
@@ -31,47 +60,138 @@ UPGRADE_REQUIRED: Final = (
     '(point <Stream url="wss://..."> at it); a plain HTTP request cannot use it.\n'
 )
 
+MAX_MESSAGE_BYTES: Final = 1 << 20
 
-class _AiohttpTransport:
-    """The :class:`~callsock.connection.Transport` of an aiohttp WebSocket."""
 
-    __slots__ = ("ws",)
+class _Stream:
+    """An upgraded connection: aiohttp's payload parser on one side, a Transport on the other."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self.ws = ws
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        writer: AbstractStreamWriter,
+        *,
+        max_message_bytes: int,
+        close_timeout: float,
+    ) -> None:
+        self._transport = transport
+        self._writer = writer
+        self._reader = FrameReader(max_message_bytes)
+        self._close_timeout = close_timeout
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
+        self._reading = False  # inside feed_data: writes wait for its end
+        self._flush_scheduled = False
+        self.connection: Connection | None = None
+        self.closing = False
+        self.done: asyncio.Future[None] = self._loop.create_future()
 
-    @property
-    def closed(self) -> bool:
-        return self.ws.closed
+    # The payload-parser side (aiohttp's RequestHandler calls these).
 
-    async def send(self, data: bytes) -> None:
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        """Parse and dispatch the bytes that arrived."""
         try:
-            await self.ws.send_frame(data, WSMsgType.TEXT)
+            messages = self._reader.feed(data)
+        except FrameError as exc:
+            self._broken(exc)
+            return False, b""
+        connection = self.connection
+        self._reading = True
+        try:
+            for opcode, payload in messages:
+                if opcode == OP_TEXT:
+                    if connection is not None:
+                        connection.receive_text(payload)
+                elif opcode == OP_CLOSE:
+                    self._peer_closed(payload)
+                elif opcode == OP_PING:
+                    if not self.closing:
+                        self._queue(encode_frame(OP_PONG, payload))
+                elif opcode == OP_BINARY and connection is not None:
+                    connection.receive_binary()
+        finally:
+            self._reading = False
+            self._flush()
+        return False, b""
+
+    def feed_eof(self) -> None:
+        """The TCP connection is gone."""
+        self.closing = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # The Transport side (the Connection and its Outbound call these).
+
+    def write(self, data: bytes) -> None:
+        """Frame one text message; it is written with the others of this loop iteration."""
+        if self.closing:
+            raise CallEnded()
+        self._queue(encode_frame(OP_TEXT, data))
+
+    def write_buffer_size(self) -> int:
+        """Bytes the socket has not taken yet."""
+        return self._outgoing_bytes + self._transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        """Wait for the peer to read (aiohttp's writer knows when the transport is paused)."""
+        try:
+            await self._writer.drain()
         except ConnectionError as exc:
             raise CallEnded() from exc
 
-    async def close(self, code: int, reason: str) -> None:
-        await self.ws.close(code=code, message=reason.encode())
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame; the TCP connection closes when the peer answers, or on timeout."""
+        if self.closing:
+            return
+        self.closing = True
+        self._queue(close_frame(code, reason))
+        self._flush()
+        self._close_timer = asyncio.get_running_loop().call_later(self._close_timeout, self._transport.close)
 
+    def _peer_closed(self, payload: bytes | bytearray) -> None:
+        try:
+            code, _ = parse_close(payload)
+        except FrameError as exc:
+            self._broken(exc)
+            return
+        if not self.closing:  # the peer began: answer with its code (RFC 6455 section 5.5.1)
+            self.closing = True
+            self._queue(close_frame(code or CLOSE_NORMAL, ""))
+        self._flush()
+        self._transport.close()
 
-async def _read(ws: web.WebSocketResponse, connection: Connection) -> None:
-    """Feed the connection every frame until the WebSocket or the call ends."""
-    receive_text = connection.receive_text
-    while True:
-        msg = await ws.receive()
-        kind = msg.type
-        if kind is WSMsgType.TEXT:
-            result = receive_text(msg.data)  # media returns None: nothing to await
-            if result is not None and await connection.act(result):
-                return
-        elif kind is WSMsgType.BINARY:
-            await connection.reject_binary()
-            return
-        elif kind is WSMsgType.ERROR:
-            connection.receive_error(msg.data, getattr(msg.data, "code", None))
-            return
-        else:  # CLOSE, CLOSING, CLOSED: the peer or another task ended the connection
-            return
+    def _queue(self, frame: bytes) -> None:
+        # Frames written while one read is handled, or during one turn of the event loop, leave
+        # in one system call: under load (many messages a read) that saves a write per message.
+        self._outgoing.append(frame)
+        self._outgoing_bytes += len(frame)
+        if not self._reading and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._outgoing:
+            frames, self._outgoing, self._outgoing_bytes = self._outgoing, [], 0
+            self._transport.writelines(frames)
+
+    def _broken(self, exc: FrameError) -> None:
+        error: StreamError
+        if exc.code == MessageTooBig.close_code:
+            error = MessageTooBig("message-too-big", "", exc.reason)
+        elif exc.code == InvalidMessage.close_code:
+            error = InvalidMessage("close-frame", "", exc.reason)
+        else:
+            error = FramingError("websocket-framing", "", exc.reason)
+        if self.connection is not None and not self.closing:
+            self.connection.session.fail(error)
+            self.connection.reject(error)
+        else:
+            self.close(exc.code, exc.reason)
 
 
 class CallServer:
@@ -126,27 +246,45 @@ class CallServer:
 
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
         """Serve the Media Streams WebSocket; answer 426 to a plain GET."""
-        ws = web.WebSocketResponse(
-            compress=False,  # Twilio offers no compression; deflating audio only costs CPU
-            timeout=self.settings.close_timeout,
-            decode_text=False,  # msgspec decodes the UTF-8 bytes itself
-        )
-        if not ws.can_prepare(request).ok:
-            headers = {"Upgrade": "websocket", "Connection": "Upgrade"}
-            return web.Response(status=426, text=UPGRADE_REQUIRED, headers=headers)
         if self.service.debug:
             self._log_upgrade(request)
-        await ws.prepare(request)
-        connection = self.service.admit(_AiohttpTransport(ws))
-        if isinstance(connection, ServerBusy):
-            await ws.close(code=connection.close_code, message=connection.close_reason.encode())
-            return ws
+        refusal = _check_upgrade(request)
+        if refusal is not None:
+            return refusal
+        response = web.StreamResponse(
+            status=101,
+            headers={
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Accept": accept_key(request.headers["Sec-WebSocket-Key"]),
+            },
+        )
+        response.force_close()
         try:
-            await _read(ws, connection)
+            writer = await response.prepare(request)
+        except ConnectionError:
+            return response  # the client left during the handshake
+        transport = request.transport
+        if writer is None or transport is None:
+            return response
+        stream = _Stream(
+            transport, writer, max_message_bytes=MAX_MESSAGE_BYTES, close_timeout=self.settings.close_timeout
+        )
+        admitted = self.service.admit(stream)
+        if isinstance(admitted, Connection):
+            stream.connection = admitted
+        request.protocol.set_parser(stream)  # type: ignore[arg-type]  # aiohttp's parser hook
+        request.protocol.keep_alive(False)
+        if isinstance(admitted, ServerBusy):
+            stream.close(admitted.close_code, admitted.close_reason)
+            await stream.done
+            return response
+        try:
+            await stream.done
         finally:
-            self.service.forget(connection)
-        await connection.wait_handlers()
-        return ws
+            self.service.forget(admitted)
+        await admitted.wait_handlers()
+        return response
 
     async def handle_health(self, request: web.Request) -> web.Response:
         """Report liveness and load."""
@@ -170,6 +308,30 @@ class CallServer:
             userAgent=headers.get("User-Agent"),
             peer=request.remote,
         )
+
+
+def _check_upgrade(request: web.Request) -> web.Response | None:
+    """Refuse a request that is not a valid WebSocket upgrade (RFC 6455 section 4.2.1)."""
+    headers = request.headers
+    if headers.get("Upgrade", "").lower() != "websocket":
+        return web.Response(
+            status=426, text=UPGRADE_REQUIRED, headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+        )
+    if "upgrade" not in (t.strip().lower() for t in headers.get("Connection", "").split(",")):
+        return web.Response(status=400, text="400 Bad Request: Connection header lacks 'upgrade'.\n")
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return web.Response(
+            status=426,
+            text="426 Upgrade Required: only WebSocket version 13 is supported.\n",
+            headers={"Sec-WebSocket-Version": "13"},
+        )
+    try:
+        key_ok = len(base64.b64decode(headers.get("Sec-WebSocket-Key", ""), validate=True)) == 16
+    except binascii.Error:
+        key_ok = False
+    if not key_ok:
+        return web.Response(status=400, text="400 Bad Request: invalid Sec-WebSocket-Key.\n")
+    return None
 
 
 def _json(data: Any) -> web.Response:

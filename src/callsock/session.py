@@ -109,13 +109,14 @@ class CallSession:
         self._sinks = list(sinks)
         self._buffer_bytes = buffer_bytes
         self._buffer: AudioBuffer | None = None
+        self._recording_outbound = False
 
     @property
     def stream(self) -> StreamInfo | None:
         """The stream ``start`` described, once it has arrived."""
         return self.protocol.stream
 
-    def receive_text(self, data: str | bytes) -> InboundMessage:
+    def receive_text(self, data: str | bytes | bytearray) -> InboundMessage:
         """Validate one text message and act on it; see :meth:`StreamProtocol.receive_text`.
 
         Raises:
@@ -157,9 +158,11 @@ class CallSession:
         buffer = self._buffer
         if buffer is None or self.ended_at is not None:
             return
-        buffer.add_track("outbound")
+        if not self._recording_outbound:
+            buffer.add_track("outbound")
+            self._recording_outbound = True
         offset = round((play_time - self.start_monotonic) * SAMPLE_RATE)
-        buffer.add_at("outbound", max(offset, 0), mulaw)
+        buffer.add_at("outbound", offset if offset > 0 else 0, mulaw)
 
     def data_to_send(self) -> list[bytes]:
         """Return, and forget, the messages waiting to be sent to the peer."""
@@ -217,7 +220,7 @@ class CallSession:
         payload = media.payload
         self.counters.media_bytes += len(payload)
         assert self._buffer is not None
-        self._buffer.add(media.track, timestamp, payload)
+        self._buffer.add_at(media.track, None if timestamp is None else timestamp * BYTES_PER_MS, payload)
 
     def _start(self) -> None:
         stream = self.stream

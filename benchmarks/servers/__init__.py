@@ -1,0 +1,1 @@
+"""Echo servers written the way other projects write them, to measure callsock against."""

@@ -1,0 +1,106 @@
+"""How the command line shows reports to a person: rich tables and a live progress display."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .bench import BenchConfig, BenchReport
+from .simulate import SimulationReport
+
+__all__ = ["BenchProgress", "print_bench", "print_simulation"]
+
+
+def print_simulation(report: SimulationReport, out: Path | None) -> None:
+    """Show what happened on a simulated call."""
+    table = Table(title=f"callsock simulate {report.url}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("result")
+    handshake = f"HTTP {report.handshake_status}" if report.handshake_status else "no answer"
+    if report.handshake_ms is not None:
+        handshake += f" in {report.handshake_ms} ms"
+    table.add_row("handshake", handshake)
+    table.add_row("stream", f"{report.stream_sid} ({report.dialect} dialect)")
+    if report.dialect == "seed":
+        ack = "none" if not report.ack_received else ("exact" if report.ack_exact else "received, NOT exact")
+        table.add_row("start acknowledgement", ack)
+    table.add_row(
+        "sent", f"{report.frames_sent} frames" + (f", DTMF {report.dtmf_sent}" if report.dtmf_sent else "")
+    )
+    first = "none" if report.first_audio_ms is None else f"{report.first_audio_ms} ms after start"
+    table.add_row("first audio back", first)
+    table.add_row("received", f"{report.media_received} media ({report.audio_received_ms:.0f} ms of audio)")
+    table.add_row("marks", f"{report.marks_received} received, {report.marks_echoed} echoed")
+    table.add_row("clears", str(report.clears_received))
+    if report.unknown_events:
+        table.add_row("unknown events", ", ".join(sorted(set(report.unknown_events))))
+    table.add_row("violations", "\n".join(report.violations) or "none")
+    closed = f"{report.close_code} {report.close_reason}".strip() if report.close_code else "not closed"
+    table.add_row("close", f"{closed} (by {report.closed_by or 'nobody'})")
+    if report.error:
+        table.add_row("error", report.error)
+    if out is not None:
+        table.add_row("reply written to", str(out))
+    table.add_row("verdict", "[green]ok[/]" if report.ok else "[red]FAILED[/]")
+    Console().print(table)
+
+
+def print_bench(report: BenchReport) -> None:
+    """Show a benchmark's figures."""
+    table = Table(title=f"callsock bench ({report.mode}, {report.calls} calls, {report.seconds} s)")
+    table.add_column("figure", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("connected / failed", f"{report.connected} / {report.failed}")
+    table.add_row("frames sent", str(report.frames_sent))
+    table.add_row("echoes received", str(report.echoes_received))
+    table.add_row("missing / wrong echoes", f"{report.missing_echoes} / {report.wrong_echoes}")
+    table.add_row("messages/s (echoes)", f"{report.messages_per_second:,.0f}")
+    for label, value in (
+        ("p50", report.rtt_p50_ms),
+        ("p90", report.rtt_p90_ms),
+        ("p99", report.rtt_p99_ms),
+        ("max", report.rtt_max_ms),
+    ):
+        table.add_row(f"echo round trip {label}", "-" if value is None else f"{value:.2f} ms")
+    table.add_row("close codes", ", ".join(f"{code}: {n}" for code, n in sorted(report.closes.items())))
+    table.add_row("load generator CPU", f"{report.loadgen_cpu_percent}%")
+    Console().print(table)
+
+
+class BenchProgress:
+    """A live line of figures while a benchmark runs."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self._config = config
+        self._live = Live(self._render({}), refresh_per_second=4, transient=True)
+
+    def __enter__(self) -> BenchProgress:
+        self._live.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._live.__exit__(kind, value, traceback)
+
+    def update(self, snapshot: dict[str, Any]) -> None:
+        """Show the latest figures (called by the load generator about twice a second)."""
+        self._live.update(self._render(snapshot))
+
+    def _render(self, snapshot: dict[str, Any]) -> Table:
+        table = Table.grid(padding=(0, 2))
+        p99 = snapshot.get("p99")
+        table.add_row(
+            f"[bold]{self._config.mode}[/] {snapshot.get('connected', 0)}/{self._config.calls} calls",
+            f"failed {snapshot.get('failed', 0)}",
+            f"sent {snapshot.get('sent', 0):,}",
+            f"echoes {snapshot.get('echoes', 0):,}",
+            f"{snapshot.get('rate', 0.0):,.0f} msg/s",
+            "p99 -" if p99 is None else f"p99 {p99:.1f} ms",
+        )
+        return table
