@@ -98,8 +98,10 @@ class SimulationReport:
 
     @property
     def ok(self) -> bool:
-        """The call went through cleanly: upgraded, acknowledged (seed dialect), no violation,
-        closed normally."""
+        """Whether the call went through cleanly.
+
+        That is: upgraded, acknowledged exactly (seed dialect), no violation, closed normally.
+        """
         acknowledged = self.dialect != "seed" or (self.ack_received and bool(self.ack_exact))
         return (
             self.error is None
