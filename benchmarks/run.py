@@ -334,7 +334,7 @@ def bench_stages() -> dict[str, Any]:
         config = BenchConfig(server.url, calls=10, seconds=seconds, mode="flood", ramp_ms=200, window=32)
         measured = measure(server, config, on_window)
         spy[0].wait(timeout=30)
-    samples = collections.Counter()
+    samples: collections.Counter[str] = collections.Counter()
     total = 0
     for line in profile.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
