@@ -6,15 +6,17 @@ parse the JSON, base64-decode, mu-law to PCM, PCM to mu-law, send it back as an 
 message. callsock also validates, counts, records and paces, as it does in production.
 
 Figures, per server:
-    cpu400: the server core's busy share at 400 concurrent real-time echo calls;
+    cpu100, cpu200, cpu400: the server core's busy share (user and system) at 100, 200 and 400
+        concurrent real-time echo calls;
     flood: messages per second with 10 calls keeping 32 frames in flight each;
     capacity: the most concurrent real-time calls with echo p99 < 50 ms, no missing echo, no
-        failed call (a ladder of 100-call steps);
+        failed call (a ladder: 50 to 400 in steps of 50, then 500, 600, 700, 800, 1000);
     memory: resident memory per idle connected call (500 calls that started and send nothing);
     stages (callsock only): the cost per message of each stage, from a py-spy profile of a flood.
 
-Usage: ``python benchmarks/run.py [--only cpu400,flood,capacity,memory,stages]
-[--servers callsock,fastapi,node] [--json results.json]``; ``make bench`` runs everything.
+Usage: ``python benchmarks/run.py [--only cpu100,cpu200,cpu400,flood,capacity,memory,stages]
+[--servers callsock,fastapi,node,bare] [--json results.json] [--callsock-args=ARGS]``;
+``make bench`` runs everything but ``bare`` (the aiohttp floor, on request).
 """
 
 from __future__ import annotations
@@ -224,11 +226,14 @@ def bench_flood(name: str) -> dict[str, Any]:
         return measure(server, config).to_dict()
 
 
-def bench_capacity(name: str, top: int = 1200, step: int = 100) -> dict[str, Any]:
+CAPACITY_LADDER = (50, 100, 150, 200, 250, 300, 350, 400, 500, 600, 700, 800, 1000)
+
+
+def bench_capacity(name: str) -> dict[str, Any]:
     """The largest number of real-time echo calls with p99 < 50 ms, no missing echo, no failure."""
     steps: list[dict[str, Any]] = []
     capacity = 0
-    for calls in range(step, top + 1, step):
+    for calls in CAPACITY_LADDER:
         with serving(name) as server:
             config = BenchConfig(server.url, calls=calls, seconds=10, ramp_ms=calls * 4)
             result = measure(server, config).to_dict()
@@ -396,7 +401,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", default="cpu200,cpu400,flood,capacity,memory,stages")
+    parser.add_argument("--only", default="cpu100,cpu200,cpu400,flood,capacity,memory,stages")
     parser.add_argument("--servers", default="callsock,fastapi,node")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument(
@@ -444,6 +449,9 @@ def summary(results: dict[str, Any]) -> str:
             f"{ratio(values['callsock'], values['fastapi'])} |"
         )
 
+    row("server CPU at 100 echo calls", "cpu100", "server_cpu_percent", " %")
+    row("  of which user", "cpu100", "server_user_percent", " %")
+    row("echo p99 at 100 calls", "cpu100", "rtt_p99_ms", " ms")
     row("server CPU at 200 echo calls", "cpu200", "server_cpu_percent", " %")
     row("echo p99 at 200 calls", "cpu200", "rtt_p99_ms", " ms")
     row("server CPU at 400 echo calls", "cpu400", "server_cpu_percent", " %")

@@ -40,11 +40,9 @@ class Peer:
         self.recorded: list[tuple[float, bytes]] = []
         self.closing = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
         self.sent.append((self.time.now, json.loads(data)))
-
-    def write_buffer_size(self) -> int:
-        return 0
+        return False
 
     async def drain(self) -> None:
         pass

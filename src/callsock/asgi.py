@@ -38,6 +38,7 @@ Send = Callable[[Message], Awaitable[None]]
 # uvicorn closes open WebSockets with 1012 (service restart) when it shuts down, before the
 # application's lifespan shutdown runs: those calls end because the server is stopping.
 _SERVICE_RESTART = 1012
+_QUEUE_LIMIT = 64 * 1024
 
 _UPGRADE_REQUIRED = b"426 Upgrade Required: this path serves Twilio Media Streams over WebSocket.\n"
 
@@ -59,16 +60,14 @@ class _ASGITransport:
         self.closing = False
         self._task = asyncio.ensure_future(self._pump())
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
         if self.closing or self._broken:
             raise CallEnded()
         self._queue.append({"type": "websocket.send", "text": data.decode()})
         self._queued_bytes += len(data)
         self._drained.clear()
         self._ready.set()
-
-    def write_buffer_size(self) -> int:
-        return self._queued_bytes
+        return self._queued_bytes > _QUEUE_LIMIT
 
     async def drain(self) -> None:
         await self._drained.wait()

@@ -37,7 +37,10 @@ def pcm_to_mulaw(pcm: PCM | bytes, sample_rate: int = SAMPLE_RATE) -> bytes:
     """
     if sample_rate == SAMPLE_RATE and type(pcm) is np.ndarray and pcm.dtype == _INT16_LE and pcm.ndim == 1:
         # The common case, a frame at 8 kHz: audioop reads the array's buffer, no copy.
-        return pcm16_to_ulaw(pcm if pcm.flags.c_contiguous else pcm.copy())
+        try:
+            return pcm16_to_ulaw(pcm)
+        except ValueError:  # a strided view ("not C-contiguous"): audioop needs contiguous memory
+            return pcm16_to_ulaw(pcm.copy())
     samples = _as_int16(pcm)
     if sample_rate != SAMPLE_RATE:
         samples = resample(samples, sample_rate, SAMPLE_RATE)

@@ -47,18 +47,18 @@ class Transport(Protocol):
     def closing(self) -> bool:
         """Whether a close has begun (no more messages may be written)."""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
         """Queue one text message (``data`` is UTF-8), in order.
+
+        Returns:
+            True when the peer is not keeping up: the writer should await :meth:`drain`.
 
         Raises:
             CallEnded: the connection is closing or closed.
         """
 
-    def write_buffer_size(self) -> int:
-        """Bytes written but not yet taken by the network."""
-
     async def drain(self) -> None:
-        """Wait until the write buffer is below its limit again."""
+        """Wait until the peer has read enough of what was written."""
 
     def close(self, code: int, reason: str) -> None:
         """Begin the closing handshake with ``code`` and ``reason``; idempotent."""

@@ -77,8 +77,9 @@ def encode_frame(opcode: int, payload: bytes | bytearray) -> bytes:
 
 
 def close_frame(code: int, reason: str) -> bytes:
-    """A close frame with ``code`` and ``reason`` (cut to fit a control frame's 125 bytes)."""
-    return encode_frame(OP_CLOSE, _U16.pack(code) + reason.encode()[:123])
+    """A close frame with ``code`` and ``reason`` (cut, at a character, to fit 125 bytes)."""
+    encoded = reason.encode()[:123].decode(errors="ignore").encode()
+    return encode_frame(OP_CLOSE, _U16.pack(code) + encoded)
 
 
 def parse_close(payload: bytes | bytearray) -> tuple[int | None, str]:

@@ -41,8 +41,6 @@ FRAME_BYTES: Final = 20 * BYTES_PER_MS
 """One 20 ms frame of mu-law: the unit outbound audio is sent in."""
 
 _FRAME_SECONDS: Final = FRAME_BYTES / SAMPLE_RATE
-_WRITE_HIGH_WATER: Final = 64 * 1024
-"""Past this many bytes waiting in the socket's buffer, sending waits for the peer to read."""
 _CLEARED_ECHOES_KEPT: Final = 256
 
 
@@ -83,6 +81,7 @@ class Outbound:
         self._sleep = sleep
         self._pending = bytearray()
         self._lock = asyncio.Lock()
+        self._waiting = 0  # sends waiting for, or holding, the lock (only the lock-free path reads it)
         self._play_end = 0.0
         self._epoch = 0
         self._marks: deque[_PendingMark] = deque()
@@ -117,7 +116,7 @@ class Outbound:
         """
         if self.closed:
             raise CallEnded()
-        if len(mulaw) == FRAME_BYTES and not self._pending and not self._lock.locked():
+        if len(mulaw) == FRAME_BYTES and not self._pending and not self._waiting:
             # The streaming case (an echo, a TTS frame by frame): one whole frame, nothing
             # queued before it. If playback leaves room for it, send it now, without the lock.
             now = self._clock()
@@ -127,12 +126,12 @@ class Outbound:
                 self._record(start, mulaw)
                 self.media_sent += 1
                 self.bytes_sent += FRAME_BYTES
-                transport = self._transport
-                transport.write(self._protocol.media_message(mulaw))
-                if transport.write_buffer_size() > _WRITE_HIGH_WATER:
-                    await transport.drain()
+                if self._transport.write(self._protocol.media_message(mulaw)):
+                    await self._transport.drain()
                 return True
+        self._waiting += 1
         async with self._lock:
+            self._waiting -= 1
             self._cancel_flush()
             self._pending += mulaw
             try:
@@ -199,10 +198,8 @@ class Outbound:
         return "played"
 
     async def _send(self, data: bytes) -> None:
-        transport = self._transport
-        transport.write(data)
-        if transport.write_buffer_size() > _WRITE_HIGH_WATER:
-            await transport.drain()
+        if self._transport.write(data):
+            await self._transport.drain()
 
     def close(self) -> None:
         """The connection is gone: fail pending marks and refuse further sends."""

@@ -69,7 +69,7 @@ class Handlers:
 class _Suspended:
     """A handler that started eagerly and has to wait: the task resumes it."""
 
-    __slots__ = ("args", "coro", "handler", "rest", "waiting_on")
+    __slots__ = ("args", "coro", "handler", "rest", "thrown", "waiting_on")
 
     def __init__(
         self,
@@ -84,6 +84,7 @@ class _Suspended:
         self.handler = handler
         self.rest = rest
         self.args = args
+        self.thrown: BaseException | None = None  # to throw in when resumed, instead of awaiting
 
 
 class HandlerRunner:
@@ -201,7 +202,7 @@ class HandlerRunner:
                     continue
                 except CallEnded:
                     return True
-                except Exception as exc:
+                except (Exception, asyncio.CancelledError) as exc:
                     self._fail(handler, exc)
                     return True
                 self._suspended = _Suspended(coro, waiting_on, handler, handlers[index + 1 :], args)
@@ -224,8 +225,17 @@ class HandlerRunner:
             if not events:
                 self._wake.clear()
                 self._idle = True
-                await self._wake.wait()
-                self._idle = False
+                try:
+                    await self._wake.wait()
+                except asyncio.CancelledError as exc:
+                    if self._suspended is None:
+                        raise
+                    # A handler that started eagerly cancelled this task before the task took it
+                    # over (asyncio.timeout does that when its deadline passes): the
+                    # cancellation is the handler's, so it is thrown into the handler.
+                    self._suspended.thrown = exc
+                finally:
+                    self._idle = False
                 continue
             kind, arg = events.popleft()
             if kind is _Kind.AUDIO:
@@ -246,33 +256,21 @@ class HandlerRunner:
         cancelled, which cancels it), the coroutine is resumed and sees the outcome itself.
         """
         coro, waiting_on = suspended.coro, suspended.waiting_on
+        thrown = suspended.thrown
         while True:
-            thrown: BaseException | None = None
-            if waiting_on is not None and not asyncio.isfuture(waiting_on):
-                thrown = RuntimeError(f"handler yielded {waiting_on!r}, not a future")
-            else:
-                if waiting_on is not None:
-                    # The coroutine's await marked the future as blocking on it; a task clears
-                    # that mark when it takes the future over, and so does this one.
-                    waiting_on._asyncio_future_blocking = False
-                try:
-                    await (asyncio.sleep(0) if waiting_on is None else waiting_on)
-                except asyncio.CancelledError as exc:
-                    # This task was cancelled. If the future took the cancellation, the coroutine
-                    # sees it when it reads the future; otherwise it is thrown in.
-                    if waiting_on is None or not waiting_on.cancelled():
-                        thrown = exc
-                except BaseException:
-                    pass
+            if thrown is None:
+                thrown = await _settle(waiting_on)
             try:
                 waiting_on = coro.send(None) if thrown is None else coro.throw(thrown)
             except StopIteration:
                 return True
             except CallEnded:
                 return False
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 self._fail(suspended.handler, exc)
                 return False
+            finally:
+                thrown = None
 
     async def _call_each(self, handlers: Sequence[Callable[..., Any]], args: tuple[Any, ...]) -> None:
         for handler in handlers:
@@ -280,13 +278,44 @@ class HandlerRunner:
                 await handler(*args)
             except CallEnded:
                 return
-            except Exception as exc:
+            except (Exception, asyncio.CancelledError) as exc:
                 self._fail(handler, exc)
                 return
 
-    def _fail(self, handler: Callable[..., Any], exc: Exception) -> None:
+    def _fail(self, handler: Callable[..., Any], exc: BaseException) -> None:
+        """A handler raised: log it and end the call (a cancellation of this task propagates).
+
+        A handler can raise CancelledError without this task being cancelled (it awaited a
+        future someone else cancelled); that is the handler failing, like any exception.
+        """
+        if isinstance(exc, asyncio.CancelledError) and self._task.cancelling():
+            raise exc
         name = getattr(handler, "__qualname__", repr(handler))
         self._log.error("handler failed; ending the call", handler=name, exc_info=exc)
         if not self.failed:
             self.failed = True
             self._on_failure(HandlerFailed(name))
+
+
+async def _settle(waiting_on: Any) -> BaseException | None:
+    """Wait, as a task would, for what a suspended coroutine yielded; return what to throw in.
+
+    Returns ``None`` when the coroutine should simply be resumed: it then reads the outcome
+    (result, exception or cancellation) from the future itself.
+    """
+    if waiting_on is not None and not asyncio.isfuture(waiting_on):
+        return RuntimeError(f"handler yielded {waiting_on!r}, not a future")
+    if waiting_on is not None:
+        # The coroutine's await marked the future as blocking on it; a task clears that mark
+        # when it takes the future over, and so does this one.
+        waiting_on._asyncio_future_blocking = False
+    try:
+        await (asyncio.sleep(0) if waiting_on is None else waiting_on)
+    except asyncio.CancelledError as exc:
+        # This task was cancelled: if the future took the cancellation the coroutine sees it
+        # there; otherwise it is thrown in.
+        if waiting_on is None or not waiting_on.cancelled():
+            return exc
+    except BaseException:  # the coroutine reads the failure from the future itself
+        pass
+    return None

@@ -61,6 +61,7 @@ UPGRADE_REQUIRED: Final = (
 )
 
 MAX_MESSAGE_BYTES: Final = 1 << 20
+_OUTGOING_LIMIT: Final = 64 * 1024
 
 
 class _Stream:
@@ -76,6 +77,8 @@ class _Stream:
     ) -> None:
         self._transport = transport
         self._writer = writer
+        # aiohttp's protocol (a BaseProtocol) learns from the transport when the peer stops reading.
+        self._protocol: Any = transport.get_protocol()
         self._reader = FrameReader(max_message_bytes)
         self._close_timeout = close_timeout
         self._close_timer: asyncio.TimerHandle | None = None
@@ -126,15 +129,12 @@ class _Stream:
 
     # The Transport side (the Connection and its Outbound call these).
 
-    def write(self, data: bytes) -> None:
-        """Frame one text message; it is written with the others of this loop iteration."""
+    def write(self, data: bytes) -> bool:
+        """Frame one text message, written with the others of this read; True if backlogged."""
         if self.closing:
             raise CallEnded()
         self._queue(encode_frame(OP_TEXT, data))
-
-    def write_buffer_size(self) -> int:
-        """Bytes the socket has not taken yet."""
-        return self._outgoing_bytes + self._transport.get_write_buffer_size()
+        return self._outgoing_bytes > _OUTGOING_LIMIT or bool(self._protocol.writing_paused)
 
     async def drain(self) -> None:
         """Wait for the peer to read (aiohttp's writer knows when the transport is paused)."""
