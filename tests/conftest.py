@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 
 from callsock.logs import configure_logging
 from callsock.server import CallServer
@@ -34,3 +35,15 @@ async def server(record_dir: Path) -> AsyncIterator[CallServer]:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A certificate for 127.0.0.1 from a throwaway CA: (certificate, key, CA certificate)."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key, authority = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(authority))
+    return cert, key, authority

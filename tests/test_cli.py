@@ -65,6 +65,9 @@ def test_version() -> None:
         ({"CALLSOCK_NO_RECORD": "maybe"}, "CALLSOCK_NO_RECORD"),
         ({"CALLSOCK_PATH": "call"}, "path must start with '/'"),
         ({"CALLSOCK_MAX_CALLS": "0"}, "max_calls"),
+        ({"CALLSOCK_REQUIRE_SIGNATURE": "1", "TWILIO_AUTH_TOKEN": ""}, "needs an auth token"),
+        ({"CALLSOCK_PUBLIC_URL": "https://x.test/?a=1"}, "query string"),
+        ({"CALLSOCK_PARAM": "novalue"}, "--param takes KEY=VALUE"),
     ],
 )
 def test_bad_environment_is_a_clear_error(env: dict[str, str], message: str) -> None:

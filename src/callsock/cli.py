@@ -56,7 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(commands)
     _add_simulate(commands)
     _add_bench(commands)
+    _add_verify(commands)
     return parser
+
+
+def _add_verify(commands: Any) -> None:
+    verify = commands.add_parser(
+        "verify",
+        help="run the seed guide's verification checklist against a deployment",
+        description=(
+            "Check a deployment end to end: the TwiML webhook (wss://, no query string, a served "
+            "path), the upgrade, a Twilio-shaped call, the seed acknowledgement, rejection of an "
+            "invalid start, replacement of a second connection, and signatures. Exits 1 if any "
+            "check fails."
+        ),
+    )
+    verify.set_defaults(command=_verify)
+    verify.add_argument(
+        "url", help="the deployment, e.g. https://example.ngrok.app (its /twiml is the webhook)"
+    )
+    verify.add_argument("--stream-url", help="the WebSocket URL to check instead of the TwiML's")
+    verify.add_argument(
+        "--auth-token", default=os.environ.get("TWILIO_AUTH_TOKEN"), help="sign requests and check signing"
+    )
+    verify.add_argument("--cafile", type=Path, help="a CA certificate to trust (self-signed deployments)")
+    verify.add_argument("--insecure", action="store_true", help="do not check TLS certificates")
+    verify.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _add_simulate(commands: Any) -> None:
@@ -184,10 +209,62 @@ def _add_serve(commands: Any) -> None:
         default=defaults.send_lead_ms,
         help="how far outbound audio may run ahead of what the caller hears",
     )
+    option(
+        "--public-url", default=None, help="the public base URL, e.g. https://example.ngrok.app (for TwiML)"
+    )
+    serve.add_argument(
+        "--param",
+        action="append",
+        default=_env_list("param"),
+        metavar="NAME=VALUE",
+        help="a <Parameter> for the TwiML's <Stream> (repeatable) [CALLSOCK_PARAM: NAME=VALUE,...]",
+    )
+    option(
+        "--track",
+        choices=("inbound_track", "outbound_track", "both_tracks"),
+        default=defaults.track,
+        help="with --stream-mode start: the tracks the fork carries",
+    )
+    option(
+        "--pause-seconds",
+        type=int,
+        default=defaults.pause_seconds,
+        help="with --stream-mode start: the <Pause> that keeps the call up",
+    )
+    option("--status-callback", default=None, help="a URL for Twilio's stream status callbacks")
+    option(
+        "--auth-token",
+        default=os.environ.get("TWILIO_AUTH_TOKEN"),
+        secret=True,
+        help="Twilio Auth Token: check X-Twilio-Signature on webhooks and upgrades (also TWILIO_AUTH_TOKEN)",
+    )
+    option("--require-signature", flag=True, help="refuse to start without an auth token")
+    option(
+        "--max-message-bytes",
+        type=int,
+        default=defaults.max_message_bytes,
+        help="largest WebSocket message; larger closes with 1009",
+    )
+    option(
+        "--idle-timeout",
+        type=float,
+        default=defaults.idle_timeout,
+        help="seconds without a message before a connection is closed",
+    )
+    option(
+        "--handshake-timeout",
+        type=float,
+        default=defaults.handshake_timeout,
+        help="seconds a connection has to send its request, and then start",
+    )
+    option(
+        "--ssl-certfile", type=Path, default=None, help="PEM certificate: serve wss:// and https:// directly"
+    )
+    option("--ssl-keyfile", type=Path, default=None, help="the certificate's private key")
 
 
 def _option_adder(parser: argparse.ArgumentParser) -> Any:
-    def add(name: str, *, help: str, flag: bool = False, **kwargs: Any) -> None:
+    def add(name: str, *, help: str, flag: bool = False, secret: bool = False, **kwargs: Any) -> None:
         key = name.lstrip("-").replace("-", "_")
         env = f"CALLSOCK_{key.upper()}"
         if flag:
@@ -197,7 +274,7 @@ def _option_adder(parser: argparse.ArgumentParser) -> Any:
         choices = kwargs.get("choices")
         if choices is not None and default not in choices:
             raise _EnvError(f"{env}={default!r}: choose from {', '.join(choices)}")
-        shown = "" if default is None else f" (default: {default})"
+        shown = "" if default is None or secret else f" (default: {default})"
         parser.add_argument(name, default=default, help=f"{help}{shown} [{env}]", **kwargs)
 
     return add
@@ -210,6 +287,11 @@ class _EnvError(Exception):
 def _env(key: str, default: Any) -> Any:
     """The value of ``CALLSOCK_<KEY>`` as a string (argparse applies the option's type), or ``default``."""
     return os.environ.get(f"CALLSOCK_{key.upper()}", default)
+
+
+def _env_list(key: str) -> list[str]:
+    raw = os.environ.get(f"CALLSOCK_{key.upper()}", "")
+    return [item.strip() for item in raw.split(",") if item.strip()]
 
 
 def _env_flag(key: str) -> bool:
@@ -256,6 +338,7 @@ def _load_application(spec: str) -> App:
 def _settings(args: argparse.Namespace) -> Settings:
     """Build the settings from the parsed options (each option is named after its field)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
+    values["parameters"] = tuple(_key_value(p, "--param") for p in args.param)
     return Settings(**values, record=not args.no_record)
 
 
@@ -264,7 +347,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from .views import print_simulation
 
     try:
-        parameters = dict(_key_value(p) for p in args.param)
+        parameters = dict(_key_value(p, "--param") for p in args.param)
         if any(d not in "0123456789*#ABCD" for d in args.dtmf):
             raise ValueError(f"--dtmf takes 0-9, *, #, A-D, got {args.dtmf!r}")
         if not args.audio.is_file():
@@ -323,10 +406,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 and report.connected == config.calls else 1
 
 
-def _key_value(text: str) -> tuple[str, str]:
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import VerifyConfig, verify
+    from .views import print_verify
+
+    config = VerifyConfig(
+        url=args.url,
+        stream_url=args.stream_url,
+        auth_token=args.auth_token,
+        cafile=args.cafile,
+        insecure=args.insecure,
+    )
+    checks = _run(verify(config))
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks]))
+    else:
+        print_verify(args.url, checks)
+    return 1 if any(c.passed is False for c in checks) else 0
+
+
+def _key_value(text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"--param takes KEY=VALUE, got {text!r}")
+        raise ValueError(f"{option} takes KEY=VALUE, got {text!r}")
     return key, value
 
 

@@ -9,6 +9,7 @@ The hierarchy::
     │   ├── PolicyViolation       1008: out of order, second start, wrong streamSid
     │   ├── MessageTooBig         1009: a frame over the size limit
     │   └── FramingError          1002: a WebSocket frame RFC 6455 forbids
+    ├── IdleTimeout               1008: nothing received (or no start) for too long
     ├── ServerBusy                1013: the server is at its call limit
     ├── Replaced                  4000: a newer connection took over the call
     ├── HandlerFailed             1011: an application handler raised; the call ends
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigurationError",
     "FramingError",
     "HandlerFailed",
+    "IdleTimeout",
     "InvalidMessage",
     "MessageTooBig",
     "OneWayStream",
@@ -119,6 +121,13 @@ class FramingError(StreamError):
     """The WebSocket framing itself is broken (unmasked, reserved bits, bad opcode...)."""
 
     close_code = CLOSE_PROTOCOL_ERROR
+
+
+class IdleTimeout(CallsockError):
+    """The connection sent nothing (or no ``start``) for too long; it is closed (1008)."""
+
+    close_code = CLOSE_POLICY_VIOLATION
+    rule = "idle-timeout"
 
 
 class ServerBusy(CallsockError):

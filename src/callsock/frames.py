@@ -53,11 +53,18 @@ CLOSE_TOO_BIG: Final = 1009
 
 
 class FrameError(Exception):
-    """The peer broke RFC 6455; the connection must close with ``code``."""
+    """The peer broke RFC 6455; the connection must close with ``code``.
+
+    Attributes:
+        code: the close code.
+        reason: what was wrong.
+        messages: the whole messages that arrived before the fault, to be handled first.
+    """
 
     def __init__(self, code: int, reason: str) -> None:
         self.code = code
         self.reason = reason
+        self.messages: list[tuple[int, bytes | bytearray]] = []
         super().__init__(reason)
 
 
@@ -118,12 +125,22 @@ class FrameReader:
         """Parse ``data``; return the complete messages in it as ``(opcode, payload)``.
 
         Raises:
-            FrameError: the stream breaks RFC 6455 or the size limit.
+            FrameError: the stream breaks RFC 6455 or the size limit; the messages before the
+                fault are in its ``messages``.
         """
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
         messages: list[tuple[int, bytes | bytearray]] = []
+        try:
+            return self._parse(data, messages)
+        except FrameError as exc:
+            exc.messages = messages
+            raise
+
+    def _parse(
+        self, data: bytes, messages: list[tuple[int, bytes | bytearray]]
+    ) -> list[tuple[int, bytes | bytearray]]:
         position = 0
         end = len(data)
         while end - position >= 2:

@@ -68,6 +68,7 @@ class ServerMetrics:
         self.finished_outbound: dict[str, int] = {}
         self.finished_outbound_bytes = 0
         self.finished_dropped_frames = 0
+        self.labelled: dict[str, dict[str, int]] = {"stream_status": {}, "signature_rejections": {}}
         self.bucket_counts = [0] * (len(PROCESSING_BUCKETS) + 1)
         self.processing_sum = 0.0
         self._active = active
@@ -79,6 +80,11 @@ class ServerMetrics:
         """Record how long one message took to process."""
         self.bucket_counts[bisect_left(PROCESSING_BUCKETS, seconds)] += 1
         self.processing_sum += seconds
+
+    def count(self, name: str, label: str) -> None:
+        """Count one event of a labelled counter (``stream_status`` by event, ...)."""
+        family = self.labelled[name]
+        family[label] = family.get(label, 0) + 1
 
     def count_error(self, rule: str) -> None:
         """Count one rejected message or connection, by the rule it broke."""
@@ -151,6 +157,15 @@ class _Collector:
             "audio_frames_dropped",
             "Audio frames dropped because on_audio handlers fell behind.",
             value=dropped,
+        )
+        yield _counter(
+            "stream_status", "Twilio stream status callbacks, by event.", "event", m.labelled["stream_status"]
+        )
+        yield _counter(
+            "signature_rejections",
+            "Requests refused for a missing or invalid Twilio signature, by route.",
+            "route",
+            m.labelled["signature_rejections"],
         )
         gauge = GaugeMetricFamily("callsock_connections_active", "WebSocket connections open now.")
         gauge.add_metric([], len(active))

@@ -9,9 +9,14 @@ replies are framed and written straight to the transport.
 
 Routes:
     ``GET <path>``: the WebSocket (a plain GET answers 426).
+    ``POST /twiml`` (and ``GET``): the TwiML that streams a call here.
+    ``POST /stream-status``: Twilio's stream status callbacks.
     ``GET /health``: ``{status, activeCalls, connections, uptimeSeconds}``.
     ``GET /calls``: the open connections and their calls.
     ``GET /metrics``: Prometheus text.
+
+With an auth token, the webhooks and the upgrade must carry a valid ``X-Twilio-Signature``
+(403 otherwise, before any WebSocket opens).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ssl
 from typing import Any, Final
 
 import msgspec
@@ -31,6 +37,7 @@ from .errors import (
     CLOSE_NORMAL,
     CallEnded,
     FramingError,
+    IdleTimeout,
     InvalidMessage,
     MessageTooBig,
     ServerBusy,
@@ -52,6 +59,7 @@ from .frames import (
 from .metrics import CONTENT_TYPE
 from .service import CallService
 from .settings import Settings
+from .webhooks import is_signed, stream_url, twiml
 
 __all__ = ["CallServer"]
 
@@ -60,7 +68,6 @@ UPGRADE_REQUIRED: Final = (
     '(point <Stream url="wss://..."> at it); a plain HTTP request cannot use it.\n'
 )
 
-MAX_MESSAGE_BYTES: Final = 1 << 20
 _OUTGOING_LIMIT: Final = 64 * 1024
 
 
@@ -74,6 +81,8 @@ class _Stream:
         *,
         max_message_bytes: int,
         close_timeout: float,
+        idle_timeout: float,
+        start_timeout: float,
     ) -> None:
         self._transport = transport
         self._writer = writer
@@ -90,16 +99,24 @@ class _Stream:
         self.connection: Connection | None = None
         self.closing = False
         self.done: asyncio.Future[None] = self._loop.create_future()
+        # One timer, re-armed lazily: data only moves the deadline, the timer checks it.
+        self._idle_timeout = idle_timeout
+        self._start_deadline = self._loop.time() + start_timeout
+        self._last_data = self._loop.time()
+        self._idle_timer = self._loop.call_at(
+            min(self._start_deadline, self._last_data + idle_timeout), self._check_idle
+        )
 
     # The payload-parser side (aiohttp's RequestHandler calls these).
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         """Parse and dispatch the bytes that arrived."""
+        self._last_data = self._loop.time()
+        fault: FrameError | None = None
         try:
             messages = self._reader.feed(data)
         except FrameError as exc:
-            self._broken(exc)
-            return False, b""
+            fault, messages = exc, exc.messages
         connection = self.connection
         self._reading = True
         try:
@@ -114,6 +131,8 @@ class _Stream:
                         self._queue(encode_frame(OP_PONG, payload))
                 elif opcode == OP_BINARY and connection is not None:
                     connection.receive_binary()
+            if fault is not None:
+                self._broken(fault)
         finally:
             self._reading = False
             self._flush()
@@ -124,6 +143,7 @@ class _Stream:
         self.closing = True
         if self._close_timer is not None:
             self._close_timer.cancel()
+        self._idle_timer.cancel()
         if not self.done.done():
             self.done.set_result(None)
 
@@ -151,6 +171,28 @@ class _Stream:
         self._queue(close_frame(code, reason))
         self._flush()
         self._close_timer = asyncio.get_running_loop().call_later(self._close_timeout, self._transport.close)
+
+    def _check_idle(self) -> None:
+        if self.closing:
+            return
+        now = self._loop.time()
+        connection = self.connection
+        waiting_for_start = connection is not None and connection.session.stream is None
+        if waiting_for_start and now >= self._start_deadline:
+            self._timed_out(IdleTimeout("no start within the handshake timeout"))
+        elif now >= self._last_data + self._idle_timeout:
+            self._timed_out(IdleTimeout(f"nothing received for {self._idle_timeout:g} s"))
+        else:
+            deadline = self._last_data + self._idle_timeout
+            if waiting_for_start:
+                deadline = min(deadline, self._start_deadline)
+            self._idle_timer = self._loop.call_at(deadline, self._check_idle)
+
+    def _timed_out(self, error: IdleTimeout) -> None:
+        if self.connection is not None:
+            self.connection.end("idle-timeout", error)
+        else:
+            self.close(error.close_code, error.close_reason)
 
     def _peer_closed(self, payload: bytes | bytearray) -> None:
         try:
@@ -217,6 +259,9 @@ class CallServer:
         """Return the aiohttp application with every route."""
         app = web.Application()
         app.router.add_get(self.settings.path, self.handle_stream)
+        app.router.add_route("POST", "/twiml", self.handle_twiml)
+        app.router.add_route("GET", "/twiml", self.handle_twiml)
+        app.router.add_post("/stream-status", self.handle_stream_status)
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/calls", self.handle_calls)
         app.router.add_get("/metrics", self.handle_metrics)
@@ -224,18 +269,31 @@ class CallServer:
 
     async def start(self) -> None:
         """Listen on the configured host and port; :attr:`port` tells the port bound."""
-        self.runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False)
+        settings = self.settings
+        # keepalive_timeout also bounds how long a new connection may take to send its request.
+        self.runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=settings.handshake_timeout,
+        )
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.settings.host, self.settings.port)
+        site = web.TCPSite(self.runner, settings.host, settings.port, ssl_context=_ssl_context(settings))
         await site.start()
         self.port = int(self.runner.addresses[0][1])
         self.service.log.info(
             "listening",
-            host=self.settings.host,
+            host=settings.host,
             port=self.port,
-            path=self.settings.path,
-            recordDir=str(self.settings.record_dir) if self.settings.record else None,
+            path=settings.path,
+            tls=settings.ssl_certfile is not None,
+            recordDir=str(settings.record_dir) if settings.record else None,
         )
+        if not settings.auth_token:
+            self.service.log.warning(
+                "no Twilio auth token: signatures are not checked and anyone can connect; "
+                "set --auth-token or TWILIO_AUTH_TOKEN (--require-signature makes it mandatory)"
+            )
 
     async def stop(self) -> None:
         """Close every connection with 1001, finish every call, and stop listening."""
@@ -251,6 +309,8 @@ class CallServer:
         refusal = _check_upgrade(request)
         if refusal is not None:
             return refusal
+        if self.settings.auth_token and not is_signed(request, self.settings, "websocket"):
+            return self._unsigned(request, "websocket")
         response = web.StreamResponse(
             status=101,
             headers={
@@ -267,8 +327,14 @@ class CallServer:
         transport = request.transport
         if writer is None or transport is None:
             return response
+        settings = self.settings
         stream = _Stream(
-            transport, writer, max_message_bytes=MAX_MESSAGE_BYTES, close_timeout=self.settings.close_timeout
+            transport,
+            writer,
+            max_message_bytes=settings.max_message_bytes,
+            close_timeout=settings.close_timeout,
+            idle_timeout=settings.idle_timeout,
+            start_timeout=settings.handshake_timeout,
         )
         admitted = self.service.admit(stream)
         if isinstance(admitted, Connection):
@@ -285,6 +351,48 @@ class CallServer:
             self.service.forget(admitted)
         await admitted.wait_handlers()
         return response
+
+    async def handle_twiml(self, request: web.Request) -> web.Response:
+        """Answer Twilio's voice webhook with TwiML that streams the call here."""
+        form = await request.post() if request.method == "POST" else {}
+        params = {key: str(value) for key, value in form.items()}
+        if self.settings.auth_token and not is_signed(request, self.settings, "webhook", params):
+            return self._unsigned(request, "webhook")
+        body = twiml(self.settings, stream_url(request, self.settings))
+        self.service.log.info(
+            "twiml served", callSid=params.get("CallSid"), streamUrl=stream_url(request, self.settings)
+        )
+        return web.Response(text=body, content_type="text/xml")
+
+    async def handle_stream_status(self, request: web.Request) -> web.Response:
+        """Take Twilio's stream status callback (stream-started, stream-stopped, stream-error)."""
+        form = await request.post()
+        params = {key: str(value) for key, value in form.items()}
+        if self.settings.auth_token and not is_signed(request, self.settings, "webhook", params):
+            return self._unsigned(request, "status-callback")
+        event = params.get("StreamEvent", "unknown")
+        self.service.metrics.count("stream_status", event)
+        log = self.service.log.error if event == "stream-error" else self.service.log.info
+        log(
+            "stream status",
+            streamEvent=event,
+            callSid=params.get("CallSid"),
+            streamSid=params.get("StreamSid"),
+            streamError=params.get("StreamError"),
+            timestamp=params.get("Timestamp"),
+        )
+        return web.Response(status=204)
+
+    def _unsigned(self, request: web.Request, route: str) -> web.Response:
+        present = "X-Twilio-Signature" in request.headers
+        self.service.metrics.count("signature_rejections", route)
+        self.service.log.warning(
+            "request refused: Twilio signature " + ("invalid" if present else "missing"),
+            route=route,
+            path=request.path,
+            peer=request.remote,
+        )
+        return web.Response(status=403, text="403 Forbidden: missing or invalid X-Twilio-Signature.\n")
 
     async def handle_health(self, request: web.Request) -> web.Response:
         """Report liveness and load."""
@@ -332,6 +440,14 @@ def _check_upgrade(request: web.Request) -> web.Response | None:
     if not key_ok:
         return web.Response(status=400, text="400 Bad Request: invalid Sec-WebSocket-Key.\n")
     return None
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.ssl_certfile is None or settings.ssl_keyfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    return context
 
 
 def _json(data: Any) -> web.Response:

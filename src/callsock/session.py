@@ -27,7 +27,7 @@ from .schema import Dtmf, InboundMessage, Media, Start
 
 __all__ = ["CallCounters", "CallSession", "EndReason", "Sink"]
 
-EndReason = Literal["stop", "hangup", "replaced", "closed", "error", "shutdown"]
+EndReason = Literal["stop", "hangup", "replaced", "closed", "idle-timeout", "error", "shutdown"]
 """Why a call ended: the peer sent ``stop``; the application hung up; a newer connection took
 over; the connection closed without ``stop``; an error; the server shut down."""
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from .logs import LogFormat
 from .protocol import StartAck
 
 StreamMode = Literal["connect", "start"]
+ForkTrack = Literal["inbound_track", "outbound_track", "both_tracks"]
 
 __all__ = ["Settings"]
 
@@ -37,6 +39,21 @@ class Settings:
         handler_drain_timeout: seconds the handlers may keep working after a call ends.
         echo: serve the built-in echo (each inbound frame is sent back).
         greeting: a WAV file played when a call starts.
+        public_url: the server's public base URL (``https://example.ngrok.app``); the TwiML's
+            ``wss://`` stream URL and signature checks use it. Without it they use the request's
+            ``X-Forwarded-Host`` (else ``Host``).
+        parameters: ``<Parameter>`` name/value pairs the TwiML gives the stream.
+        track: with ``stream_mode`` ``start``, the tracks the fork carries.
+        pause_seconds: with ``stream_mode`` ``start``, how long the ``<Pause>`` after
+            ``<Start>`` keeps the call up.
+        status_callback: a URL Twilio posts stream status events to (``statusCallback``).
+        auth_token: the Twilio Auth Token; with it every webhook and upgrade must be signed.
+        require_signature: refuse to start without an auth token.
+        max_message_bytes: the largest WebSocket message accepted; larger closes with 1009.
+        idle_timeout: seconds without any message before a connection is closed.
+        handshake_timeout: seconds a connection has to send its request, and then ``start``.
+        ssl_certfile: a PEM certificate: serve ``wss://`` and ``https://`` directly.
+        ssl_keyfile: the certificate's private key.
     """
 
     host: str = "0.0.0.0"
@@ -56,6 +73,18 @@ class Settings:
     handler_drain_timeout: float = 10.0
     echo: bool = False
     greeting: Path | None = None
+    public_url: str | None = None
+    parameters: tuple[tuple[str, str], ...] = ()
+    track: ForkTrack = "inbound_track"
+    pause_seconds: int = 3600
+    status_callback: str | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    require_signature: bool = False
+    max_message_bytes: int = 65_536
+    idle_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -72,3 +101,19 @@ class Settings:
             raise ValueError("send_lead_ms must be at least 20 (one frame)")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+                raise ValueError(f"public_url must look like https://host, got {self.public_url!r}")
+            if parts.query or parts.fragment:
+                raise ValueError("public_url must not have a query string: Twilio drops it; use parameters")
+        if self.require_signature and not self.auth_token:
+            raise ValueError("require_signature needs an auth token (--auth-token or TWILIO_AUTH_TOKEN)")
+        if self.max_message_bytes < 1024:
+            raise ValueError("max_message_bytes must be at least 1024")
+        if self.idle_timeout <= 0 or self.handshake_timeout <= 0:
+            raise ValueError("idle_timeout and handshake_timeout must be positive")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        if self.pause_seconds < 1:
+            raise ValueError("pause_seconds must be at least 1")

@@ -12,8 +12,22 @@ from rich.table import Table
 
 from .bench import BenchConfig, BenchReport
 from .simulate import SimulationReport
+from .verify import Check
 
-__all__ = ["BenchProgress", "print_bench", "print_simulation"]
+__all__ = ["BenchProgress", "print_bench", "print_simulation", "print_verify"]
+
+
+def print_verify(url: str, checks: list[Check]) -> None:
+    """Show the checklist: each item passed, failed with its reason, or skipped."""
+    table = Table(title=f"callsock verify {url}")
+    table.add_column("#", justify="right")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    for check in checks:
+        result = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]SKIP[/]"}[check.passed]
+        table.add_row(str(check.number), check.name, result, check.detail)
+    Console().print(table)
 
 
 def print_simulation(report: SimulationReport, out: Path | None) -> None:
