@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -210,3 +212,61 @@ class TwilioPeer:
 def payload_audio(messages: list[dict[str, Any]]) -> bytes:
     """The mu-law audio of the media messages among ``messages``, in order."""
     return b"".join(base64.b64decode(m["media"]["payload"]) for m in messages if m["event"] == "media")
+
+
+_CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+FRAME = bytes(range(0, 256, 8)) * 5  # 160 bytes, varied
+
+
+class StreamingCall:
+    """A call that streams FRAME every 20 ms until the server closes it; keeps what it sent."""
+
+    def __init__(self, client: aiohttp.ClientSession, url: str, n: int, **connect: Any) -> None:
+        self.client, self.url, self.connect = client, url, connect
+        self.stream_sid, self.call_sid = sid("MZ", n), sid("CA", n)
+        self.sent = 0
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.answered_at: float | None = None  # when the server first sent something (its close)
+
+    async def run(self, seconds: float | None = None) -> None:
+        """Stream for ``seconds`` (then stop), or until the server closes the connection."""
+        async with self.client.ws_connect(self.url, **self.connect) as ws:
+            await ws.send_str(twilio_start(self.stream_sid, self.call_sid))
+            reader = asyncio.create_task(ws.receive())
+            reader.add_done_callback(lambda _: setattr(self, "answered_at", time.monotonic()))
+            began = time.monotonic()
+            while not reader.done() and (seconds is None or time.monotonic() - began < seconds):
+                try:
+                    await ws.send_str(media(self.stream_sid, FRAME, 20 * self.sent))
+                except ConnectionError:
+                    break
+                self.sent += 1
+                await asyncio.sleep(0.02)
+            if not reader.done():
+                await ws.send_str(stop(self.stream_sid))
+            message = await reader
+            while message.type not in _CLOSED and not ws.closed:
+                message = await ws.receive()
+            self.close_code = ws.close_code
+            self.close_reason = message.extra if message.type is aiohttp.WSMsgType.CLOSE else None
+
+    def audio(self) -> bytes:
+        """The linear PCM of what was sent."""
+        return decoded(FRAME * self.sent)
+
+
+def published(record_dir: Path) -> dict[str, dict[str, Any]]:
+    """The published summaries, by streamSid."""
+    return {
+        json.loads(path.read_text())["streamSid"]: json.loads(path.read_text())
+        for path in record_dir.glob("*/*.json")
+    }
+
+
+def assert_valid_wav(path: Path) -> bytes:
+    """Check an 8 kHz 16-bit mono WAV whose header matches its size; return its PCM."""
+    with wave.open(str(path), "rb") as w:
+        assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (8000, 2, 1)
+        assert 44 + 2 * w.getnframes() == path.stat().st_size
+    return read_wav(path)

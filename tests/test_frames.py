@@ -417,6 +417,19 @@ def test_parse_close_normal() -> None:
     assert parse_close(bytearray(b"\x0f\xa0" + "adiós".encode())) == (4000, "adiós")
 
 
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
+def test_parse_close_code_no_endpoint_may_send(code: int) -> None:
+    """Codes outside section 7.4's sendable ranges are a protocol error (1002), never echoed."""
+    with pytest.raises(FrameError) as info:
+        parse_close(struct.pack("!H", code))
+    assert info.value.code == 1002
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 1012, 1014, 3000, 4000, 4999])
+def test_parse_close_sendable_codes(code: int) -> None:
+    assert parse_close(struct.pack("!H", code) + b"x") == (code, "x")
+
+
 def test_accept_key_rfc_example() -> None:
     """The Sec-WebSocket-Accept of RFC 6455 section 1.3's example key."""
     # The RFC lists the SHA-1 as b3 7a 4f 2c c0 62 4f 16 90 f6 46 06 cf 38 59 45 b2 be c4 ea.

@@ -96,7 +96,7 @@ def test_close_publishes_wavs_and_summary(tmp_path: Path) -> None:
     recorder.write("inbound", mulaw(320))
     recorder.write("outbound", mulaw(160, 50))
     summary = {"streamSid": STREAM, "endReason": "stop", "counters": {"errors": 0}}
-    files = recorder.close(summary)
+    files = recorder.close(summary).result()
     assert files == {
         "inbound": f"{CALL}/{STREAM}.inbound.wav",
         "outbound": f"{CALL}/{STREAM}.outbound.wav",
@@ -148,7 +148,7 @@ def test_call_key_falls_back_to_stream_sid(tmp_path: Path) -> None:
     recorder = WavRecorder(tmp_path, "conn-1")
     recorder.open(stream_info(call_sid=None, tracks=("inbound",)), META)
     recorder.write("inbound", mulaw(16))
-    files = recorder.close({})
+    files = recorder.close({}).result()
     assert files == {"inbound": f"{STREAM}/{STREAM}.inbound.wav", "summary": f"{STREAM}/{STREAM}.json"}
     assert wav_frames(tmp_path / STREAM / f"{STREAM}.inbound.wav") == ulaw_to_pcm16(mulaw(16))
 
@@ -158,12 +158,12 @@ def test_second_recording_of_same_stream_gets_numbered_stem(tmp_path: Path) -> N
     first = WavRecorder(tmp_path, "conn-1")
     first.open(stream_info(), META)
     first.write("inbound", mulaw(160))
-    first_files = first.close({"n": 1})
+    first_files = first.close({"n": 1}).result()
 
     second = WavRecorder(tmp_path, "conn-2")
     second.open(stream_info(), META)
     second.write("inbound", mulaw(80, 7))
-    second_files = second.close({"n": 2})
+    second_files = second.close({"n": 2}).result()
 
     assert second_files == {
         "inbound": f"{CALL}/{STREAM}.1.inbound.wav",
@@ -187,7 +187,7 @@ def test_third_recording_of_same_stream_gets_next_number(tmp_path: Path) -> None
         recorder = WavRecorder(tmp_path, f"conn-{n}")
         recorder.open(stream_info(tracks=("inbound",)), META)
         recorder.write("inbound", mulaw(8, n))
-        files = recorder.close({})
+        files = recorder.close({}).result()
     assert files["inbound"] == f"{CALL}/{STREAM}.2.inbound.wav"
     for n, stem in enumerate([STREAM, f"{STREAM}.1", f"{STREAM}.2"]):
         assert wav_frames(tmp_path / CALL / f"{stem}.inbound.wav") == ulaw_to_pcm16(mulaw(8, n))
@@ -203,8 +203,8 @@ def test_concurrent_recordings_of_same_stream_keep_separate_partials(tmp_path: P
     second.write("inbound", mulaw(8, 2))
     assert (first.partial_dir / f"{STREAM}.inbound.wav").read_bytes()[44:] == ulaw_to_pcm16(mulaw(8, 1))
     assert (second.partial_dir / f"{STREAM}.inbound.wav").read_bytes()[44:] == ulaw_to_pcm16(mulaw(8, 2))
-    second_files = second.close({})
-    first_files = first.close({})
+    second_files = second.close({}).result()
+    first_files = first.close({}).result()
     assert second_files["inbound"] == f"{CALL}/{STREAM}.inbound.wav"
     assert first_files["inbound"] == f"{CALL}/{STREAM}.1.inbound.wav"
     assert wav_frames(tmp_path / second_files["inbound"]) == ulaw_to_pcm16(mulaw(8, 2))

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from .connection import Connection
-from .errors import CallEnded, ServerBusy
+from .errors import CallEnded, ConfigurationError, ServerBusy
 from .service import CallService
 from .settings import Settings
 
@@ -114,9 +114,18 @@ class ASGIAdapter:
         app: the handlers to run for each call.
         settings: recording, limits and the rest; ``host``, ``port`` and ``path`` are the host
             application's business and are ignored.
+
+    Raises:
+        ConfigurationError: ``settings.redis_url`` is set; clustering needs ``callsock serve``.
     """
 
     def __init__(self, app: App, settings: Settings) -> None:
+        if settings.redis_url:
+            # The cluster's background tasks live with CallServer's start and stop; an ASGI host
+            # application has no such hook for us that every server honours.
+            raise ConfigurationError(
+                "the ASGI adapter does not join a cluster: use callsock serve --redis-url"
+            )
         self.service = CallService(settings, app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -15,6 +15,7 @@ appended as it is: no audio is dropped. Frame size is never assumed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
@@ -48,6 +49,9 @@ class AudioBuffer:
         deliver: called with each track's buffered bytes on a flush.
         max_gap_ms: the longest silence one timestamp jump may insert; a longer jump is
             clamped, which bounds what a single message can make the server write.
+        flush_after: also flush once the oldest buffered audio is this many seconds old, so a
+            crash loses at most that much (``None``: only when full).
+        clock: the monotonic clock ``flush_after`` is measured on.
     """
 
     def __init__(
@@ -57,9 +61,14 @@ class AudioBuffer:
         deliver: Deliver,
         *,
         max_gap_ms: int = 60_000,
+        flush_after: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least one byte")
+        self._flush_after = flush_after
+        self._clock = clock
+        self._oldest = 0.0
         self.capacity = capacity
         self.size = 0
         self.silence_bytes = 0
@@ -135,8 +144,12 @@ class AudioBuffer:
         size = len(data)
         if self.size + size > self.capacity:
             self.flush()
+        if not self.size and self._flush_after is not None:
+            self._oldest = self._clock()
         state.buffer += data
         state.position += size
         self.size += size
         if self.size >= self.capacity:
+            self.flush()
+        elif self._flush_after is not None and self._clock() - self._oldest >= self._flush_after:
             self.flush()

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from . import __version__
 from .app import App
 from .errors import ConfigurationError
@@ -57,7 +59,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(commands)
     _add_bench(commands)
     _add_verify(commands)
+    _add_recover(commands)
+    _add_events(commands)
     return parser
+
+
+def _add_events(commands: Any) -> None:
+    events = commands.add_parser(
+        "events",
+        help="tail a cluster's call events (started, dtmf, mark, stopped, recording-ready)",
+        description=(
+            "Show the entries of the callsock:events Redis stream as servers write them. With "
+            "--group, read as a member of that consumer group and acknowledge what was shown, "
+            "as a worker would."
+        ),
+    )
+    events.set_defaults(command=_events)
+    events.add_argument(
+        "--redis-url",
+        default=os.environ.get("CALLSOCK_REDIS_URL"),
+        help="the cluster's Redis (default: $CALLSOCK_REDIS_URL)",
+    )
+    events.add_argument(
+        "--from-start", action="store_true", help="begin with the oldest event kept, not the next one"
+    )
+    events.add_argument("--group", help="read as a member of this consumer group (created if missing)")
+    events.add_argument("--consumer", default="callsock-events", help="with --group: this reader's name")
+    events.add_argument("--count", type=int, help="stop after this many events")
+    events.add_argument("--json", action="store_true", help="print each event as a line of JSON")
+
+
+def _add_recover(commands: Any) -> None:
+    recover = commands.add_parser(
+        "recover",
+        help="publish the recordings a killed server left half-written",
+        description=(
+            "Turn the partial recordings a server left when it was killed (under DIR/.partial) into "
+            "WAV and JSON files, endReason crashed, where the calls would have been published. "
+            "Directories of a server still running are left alone."
+        ),
+    )
+    recover.set_defaults(command=_recover)
+    recover.add_argument("record_dir", type=Path, metavar="DIR", help="the server's --record-dir")
+    recover.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def _add_verify(commands: Any) -> None:
@@ -261,6 +305,37 @@ def _add_serve(commands: Any) -> None:
         "--ssl-certfile", type=Path, default=None, help="PEM certificate: serve wss:// and https:// directly"
     )
     option("--ssl-keyfile", type=Path, default=None, help="the certificate's private key")
+    option(
+        "--flush-seconds",
+        type=float,
+        default=defaults.flush_seconds,
+        help="audio waits in memory at most this long before it is written (what a crash loses)",
+    )
+    option("--redis-url", default=None, secret=True, help="join a cluster of servers through this Redis")
+    option(
+        "--cluster-max-calls",
+        type=int,
+        default=None,
+        help="with --redis-url: the most connections across the whole cluster; more get 1013",
+    )
+    option(
+        "--events-maxlen",
+        type=int,
+        default=defaults.events_maxlen,
+        help="with --redis-url: the callsock:events stream is capped at about this many entries",
+    )
+    option(
+        "--registry-ttl",
+        type=float,
+        default=defaults.registry_ttl,
+        help="with --redis-url: seconds a dead server keeps holding its calls",
+    )
+    option(
+        "--drain-timeout",
+        type=float,
+        default=defaults.drain_timeout,
+        help="on SIGTERM, how long active calls may go on before they are closed with 1001",
+    )
 
 
 def _option_adder(parser: argparse.ArgumentParser) -> Any:
@@ -425,6 +500,61 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if any(c.passed is False for c in checks) else 0
 
 
+def _recover(args: argparse.Namespace) -> int:
+    from .recover import recover
+    from .views import print_recovered
+
+    if not args.record_dir.is_dir():
+        print(f"callsock recover: error: {args.record_dir}: no such directory", file=sys.stderr)
+        return 2
+    results = recover(args.record_dir)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results]))
+    else:
+        print_recovered(args.record_dir, results)
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    if not args.redis_url:
+        print("callsock events: error: --redis-url (or CALLSOCK_REDIS_URL) is required", file=sys.stderr)
+        return 2
+    if args.count is not None and args.count < 1:
+        print("callsock events: error: --count must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        _run(_show_events(args))
+    except KeyboardInterrupt:
+        return 0
+    except ConfigurationError as exc:
+        print(f"callsock events: error: {exc}", file=sys.stderr)
+        return 1
+    except (RedisError, OSError) as exc:
+        print(f"callsock events: error: lost Redis: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _show_events(args: argparse.Namespace) -> None:
+    from .events import read_events
+    from .views import EventPrinter
+
+    printer = EventPrinter()
+    shown = 0
+    events = read_events(args.redis_url, from_start=args.from_start, group=args.group, consumer=args.consumer)
+    try:
+        async for event in events:
+            if args.json:
+                print(json.dumps(event.to_dict()), flush=True)
+            else:
+                printer.show(event)
+            shown += 1
+            if shown == args.count:
+                break
+    finally:
+        await events.aclose()
+
+
 def _key_value(text: str, option: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -444,6 +574,9 @@ def _serve(args: argparse.Namespace) -> int:
     _raise_file_limit()
     try:
         _run(_serve_until_signal(server))
+    except ConfigurationError as exc:  # Redis unreachable at start
+        print(f"callsock serve: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(
             f"callsock serve: error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
@@ -453,15 +586,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(server: CallServer) -> None:
+    """Serve until SIGTERM or SIGINT; then drain (a second signal cuts the drain short)."""
     await server.start()
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     try:
         await stop.wait()
     finally:
-        await server.stop()
+        await server.stop(drain=server.settings.drain_timeout, hurry=hurry)
 
 
 def _run(coro: Any) -> Any:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .call import AudioFrame, Call, MarkEcho
 from .errors import (
@@ -29,6 +30,7 @@ from .errors import (
 )
 from .logs import get_logger
 from .outbound import Outbound
+from .protocol import StreamInfo
 from .recording import WavRecorder
 from .runner import HandlerRunner, Handlers
 from .schema import Dtmf, InboundMessage, Mark, Media, Start, Stop
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from .service import CallService
 
 __all__ = ["Connection", "Transport"]
+
+PUBLISH_WAIT: Final = 10.0
+"""The longest a closing connection waits for its recording to reach the disk."""
 
 
 class Transport(Protocol):
@@ -74,11 +79,12 @@ class Connection:
         settings = service.settings
         sinks: list[Sink] = []
         if settings.record:
-            sinks.append(WavRecorder(settings.record_dir, connection_id))
+            sinks.append(WavRecorder(settings.record_dir, connection_id, service.writer))
         self.session = CallSession(
             connection_id,
             sinks=sinks,
             buffer_bytes=settings.buffer_bytes,
+            flush_seconds=settings.flush_seconds,
             start_ack=settings.start_ack,
             log=get_logger(connection=connection_id),
         )
@@ -86,13 +92,15 @@ class Connection:
         self.outbound: Outbound | None = None
         self.runner: HandlerRunner | None = None
         self._end_reason: EndReason | None = None
+        self.closing = False
+        self._closer: asyncio.Task[None] | None = None
         self._observe = service.metrics.observe_processing
         self._debug = service.debug
 
     def receive_text(self, data: str | bytes | bytearray) -> None:
         """Handle one text message: validate it and act on it, all before returning."""
-        if self.transport.closing:
-            return  # the closing handshake has begun: later data is ignored (RFC 6455 5.5.1)
+        if self.closing or self.transport.closing:
+            return  # the connection is closing: later data is ignored (RFC 6455 5.5.1)
         began = time.perf_counter()
         session = self.session
         try:
@@ -113,7 +121,7 @@ class Connection:
 
     def receive_binary(self) -> None:
         """Reject a binary frame (1003)."""
-        if self.transport.closing:
+        if self.closing or self.transport.closing:
             return
         try:
             self.session.receive_binary()
@@ -140,7 +148,7 @@ class Connection:
 
     def end(self, reason: EndReason, error: CallsockError) -> None:
         """Close the connection from outside (replacement, shutdown, a failed handler)."""
-        if self.transport.closing:
+        if self.closing or self.transport.closing:
             return
         if self._end_reason is None:
             self._end_reason = reason
@@ -179,6 +187,8 @@ class Connection:
         service = self.service
         if stream is not None:
             service.registry.release(stream.call_key, self)
+            if service.cluster is not None and summary is not None:
+                self._tell_cluster(stream, summary)
         service.metrics.connection_finished(self)
         if self.runner is not None:
             self.runner.stop()
@@ -219,15 +229,65 @@ class Connection:
         elif isinstance(event, Dtmf):
             if self.runner is not None:
                 self.runner.dtmf(event.dtmf.digit)
+            self._event("dtmf", digit=event.dtmf.digit)
         elif isinstance(event, Mark):
             self._mark_echoed(event.mark.name)
         elif isinstance(event, Stop):
             self._end_reason = "stop"
             self._close(CLOSE_NORMAL, "stream stopped")
 
+    def _tell_cluster(self, stream: StreamInfo, summary: dict[str, Any]) -> None:
+        cluster = self.service.cluster
+        assert cluster is not None
+        cluster.released(stream.call_key, self)
+        outcome = {
+            "endReason": summary["endReason"],
+            "error": summary["error"],
+            "durationMs": summary["durationMs"],
+        }
+        cluster.event("stopped", stream.call_sid, stream.stream_sid, **outcome)
+        loop = asyncio.get_running_loop()
+
+        def ready(future: Future[dict[str, str]]) -> None:  # on the writer thread
+            if not future.cancelled() and future.exception() is None:
+                files = future.result()
+                loop.call_soon_threadsafe(
+                    lambda: cluster.event(
+                        "recording-ready", stream.call_sid, stream.stream_sid, files=files, **outcome
+                    )
+                )
+
+        for publishing in self.session.publishing:
+            publishing.add_done_callback(ready)
+
     def _close(self, code: int, reason: str) -> None:
-        # Once a close frame is sent nothing more is read, so the call is over: publish it now.
+        # Once closing, nothing more is read, so the call is over: publish it now, and send the
+        # close frame once the recording is on disk (a peer that sees the close sees the files).
+        if self.closing:
+            return
+        self.closing = True
         self.finish()
+        pending = [f for f in self.session.publishing if not f.done()]
+        if pending:
+            self._closer = asyncio.ensure_future(self._close_when_published(pending, code, reason))
+        else:
+            self.transport.close(code, reason)
+
+    async def _close_when_published(
+        self, pending: list[Future[dict[str, str]]], code: int, reason: str
+    ) -> None:
+        # shield: a closing connection that is cancelled must not cancel the publishing itself.
+        waiting = asyncio.gather(
+            *(asyncio.shield(asyncio.wrap_future(f)) for f in pending), return_exceptions=True
+        )
+        try:
+            await asyncio.wait_for(waiting, PUBLISH_WAIT)
+        except TimeoutError:
+            self.session.log.warning(
+                "recording still being written; closing anyway", waitSeconds=PUBLISH_WAIT
+            )
+        except Exception:  # the writer logged it; the connection still closes
+            pass
         self.transport.close(code, reason)
 
     def _started(self) -> None:
@@ -238,6 +298,10 @@ class Connection:
         if previous is not None:
             self.service.metrics.connections_replaced += 1
             previous.end("replaced", Replaced())
+        if self.service.cluster is not None:
+            self.service.cluster.claimed(stream.call_key, self)
+            self._event("started", dialect=stream.dialect, tracks=list(stream.tracks),
+                        customParameters=stream.custom_parameters)  # fmt: skip
         for text in session.data_to_send():
             self.transport.write(text)
         session.log.info("stream started", dialect=stream.dialect, tracks=list(stream.tracks))
@@ -281,6 +345,12 @@ class Connection:
         outcome = self.outbound.mark_echoed(name) if self.outbound is not None else "played"
         if self.runner is not None:
             self.runner.mark(MarkEcho(name, outcome))
+        self._event("mark", name=name, outcome=outcome)
+
+    def _event(self, kind: str, **data: Any) -> None:
+        cluster, stream = self.service.cluster, self.session.stream
+        if cluster is not None and stream is not None:
+            cluster.event(kind, stream.call_sid, stream.stream_sid, **data)
 
     def _log_message(self, event: InboundMessage, size: int) -> None:
         self.session.log.debug(

@@ -93,17 +93,26 @@ def parse_close(payload: bytes | bytearray) -> tuple[int | None, str]:
     """The code and reason of a close frame's payload (section 5.5.1).
 
     Raises:
-        FrameError: a one-byte payload, or a reason that is not UTF-8.
+        FrameError: a one-byte payload, a code no endpoint may send, or a reason that is not UTF-8.
     """
     if not payload:
         return None, ""
     if len(payload) == 1:
         raise FrameError(CLOSE_PROTOCOL_ERROR, "close frame with a one-byte payload")
+    code: int = _U16.unpack_from(payload)[0]
+    if not _sendable_close_code(code):
+        raise FrameError(CLOSE_PROTOCOL_ERROR, f"close code {code} may not be sent (section 7.4)")
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
         raise FrameError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
-    return _U16.unpack_from(payload)[0], reason
+    return code, reason
+
+
+def _sendable_close_code(code: int) -> bool:
+    # Section 7.4.1 defines 1000-1011 but reserves 1004-1006 (1005 and 1006 are never sent);
+    # 1012-1014 are in IANA's registry; 3000-4999 belong to libraries and applications.
+    return (1000 <= code <= 1014 and code not in (1004, 1005, 1006)) or 3000 <= code <= 4999
 
 
 class FrameReader:

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 
 if TYPE_CHECKING:
+    from .cluster import Cluster
     from .connection import Connection
 
 __all__ = ["CONTENT_TYPE", "PROCESSING_BUCKETS", "ServerMetrics"]
@@ -56,7 +57,9 @@ class ServerMetrics:
         active: returns the connections open now.
     """
 
-    def __init__(self, active: Callable[[], Iterable[Connection]]) -> None:
+    def __init__(
+        self, active: Callable[[], Iterable[Connection]], cluster: Callable[[], Cluster | None] = lambda: None
+    ) -> None:
         self.connections_opened = 0
         self.connections_replaced = 0
         self.connections_refused = 0
@@ -68,10 +71,15 @@ class ServerMetrics:
         self.finished_outbound: dict[str, int] = {}
         self.finished_outbound_bytes = 0
         self.finished_dropped_frames = 0
-        self.labelled: dict[str, dict[str, int]] = {"stream_status": {}, "signature_rejections": {}}
+        self.labelled: dict[str, dict[str, int]] = {
+            "stream_status": {},
+            "signature_rejections": {},
+            "redis": {},
+        }
         self.bucket_counts = [0] * (len(PROCESSING_BUCKETS) + 1)
         self.processing_sum = 0.0
         self._active = active
+        self._cluster = cluster
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)
@@ -167,6 +175,7 @@ class _Collector:
             "route",
             m.labelled["signature_rejections"],
         )
+        yield from _cluster_metrics(m)
         gauge = GaugeMetricFamily("callsock_connections_active", "WebSocket connections open now.")
         gauge.add_metric([], len(active))
         yield gauge
@@ -174,6 +183,32 @@ class _Collector:
         calls.add_metric([], sum(1 for c in active if c.session.stream is not None))
         yield calls
         yield _histogram(m)
+
+
+def _cluster_metrics(m: ServerMetrics) -> Iterator[Metric]:
+    cluster = m._cluster()
+    if cluster is None:
+        return
+    yield _counter("redis_events", "Redis outages (errors) and recoveries.", "event", m.labelled["redis"])
+    state = cluster.state()
+    for name, documentation, value in (
+        ("redis_connected", "1 while Redis answers, 0 during an outage.", int(cluster.connected)),
+        ("cluster_calls_registered", "This server's calls registered in Redis.", state["callsRegistered"]),
+        ("cluster_servers", "Live servers in the cluster (last heartbeat).", state["servers"]),
+        (
+            "cluster_connections",
+            "Connections across the live servers (last heartbeat).",
+            state["clusterConnections"],
+        ),
+    ):
+        gauge = GaugeMetricFamily(f"callsock_{name}", documentation)
+        gauge.add_metric([], value)
+        yield gauge
+    yield _counter(
+        "cluster_events_dropped",
+        "Call events dropped while Redis was unreachable.",
+        value=cluster.events_dropped,
+    )
 
 
 def _outbound_counts(connection: Connection) -> dict[str, int]:

@@ -140,6 +140,10 @@ class StreamProtocol:
             self.fail(_schema_error(str(exc)))
         except msgspec.DecodeError as exc:
             self.fail(InvalidMessage("json", "", _short(str(exc))))
+        except RecursionError:  # arrays or objects nested deeper than the stack allows
+            self.fail(InvalidMessage("json", "", "JSON nested too deeply"))
+        except UnicodeEncodeError:  # a str holding a lone surrogate cannot be UTF-8
+            self.fail(InvalidMessage("json", "", "text is not valid Unicode"))
         if type(msg) is Media:  # the hot path: about 50 a second per track
             if self.state is not State.STREAMING or msg.stream_sid != self._stream_sid:
                 self._reject_out_of_place(msg)

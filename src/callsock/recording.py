@@ -2,9 +2,14 @@
 
 While a call runs, its files grow under ``<record-dir>/.partial/<connection-id>/``: one WAV per
 track (8 kHz, 16-bit PCM, mono) with a provisional header, and a JSON file with what ``start``
-said. Audio is appended on every buffer flush and no file stays open between flushes, so a
-thousand calls hold no file descriptors and a killed server leaves each call's audio up to its
-last flush on disk.
+said. Audio is written on every buffer flush, at its place in the file, and no file stays open
+between flushes, so a thousand calls hold no file descriptors and a killed server leaves each
+call's audio up to its last flush on disk (``callsock recover`` publishes it).
+
+The file operations run on a :class:`~callsock.diskwriter.DiskWriter` (a thread, in a server), so
+a slow disk never stalls calls; if the disk falls so far behind that the writer's budget is
+spent, a chunk of audio is dropped, and since every chunk is written at its own offset the
+recording keeps its timeline, with silence where the chunk was.
 
 When the call ends, whatever the end, the WAV headers are completed and the files are moved to
 ``<record-dir>/<callSid or streamSid>/<streamSid>.<track>.wav`` and ``<streamSid>.json``, the
@@ -19,13 +24,15 @@ import contextlib
 import json
 import os
 import struct
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final
 
+from .diskwriter import DiskWriter
 from .g711 import SAMPLE_RATE, SAMPLE_WIDTH, ulaw_to_pcm16
 from .protocol import StreamInfo
 
-__all__ = ["PARTIAL_DIR", "WavRecorder", "wav_header"]
+__all__ = ["PARTIAL_DIR", "WavRecorder", "publish", "wav_header"]
 
 PARTIAL_DIR: Final = ".partial"
 """The directory, inside the record directory, where calls in progress are written."""
@@ -62,92 +69,72 @@ class WavRecorder:
     Args:
         record_dir: the root directory of recordings.
         connection_id: unique per connection; names the directory of files in progress.
+        writer: where the file operations run; by default at once, on the caller's thread.
     """
 
-    def __init__(self, record_dir: Path, connection_id: str) -> None:
+    def __init__(self, record_dir: Path, connection_id: str, writer: DiskWriter | None = None) -> None:
         self.record_dir = record_dir
         self.partial_dir = record_dir / PARTIAL_DIR / connection_id
+        self.dropped_bytes = 0
+        self._writer = writer or DiskWriter(inline=True)
         self._stream: StreamInfo | None = None
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}  # PCM bytes per track, as placed (written or not)
 
     def open(self, stream: StreamInfo, meta: dict[str, Any]) -> None:
         """Create the call's partial files: an empty WAV per track and the start metadata."""
         _safe_component(stream.stream_sid)
         _safe_component(stream.call_key)
         self._stream = stream
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
-        for track in stream.tracks:
-            self._partial_wav(track).write_bytes(wav_header(0))
-            self._sizes[track] = 0
-        _write_json(self._partial_json(), meta)
+        self._sizes = dict.fromkeys(stream.tracks, 0)
+        self._writer.submit(self._create, list(stream.tracks), meta)
 
     def write(self, track: str, mulaw: bytes | bytearray) -> None:
-        """Append a chunk of ``track``'s mu-law audio, decoded to PCM, to its WAV file.
+        """Write a chunk of ``track``'s mu-law audio, decoded to PCM, after what came before.
 
         A track ``start`` did not announce (the outbound audio of a bidirectional call) gets
         its file on first write.
         """
+        self._require_stream()
         if track not in self._sizes:
-            self._partial_wav(track).write_bytes(wav_header(0))
             self._sizes[track] = 0
+            self._writer.submit(self._create, [track], None)
         pcm = ulaw_to_pcm16(mulaw)
-        with self._partial_wav(track).open("ab") as f:
-            f.write(pcm)
-        self._sizes[track] += len(pcm)
+        offset = self._sizes[track]
+        self._sizes[track] = offset + len(pcm)
+        if self._writer.submit(self._write_at, track, offset, pcm, size=len(pcm), droppable=True) is None:
+            self.dropped_bytes += len(pcm)
 
-    def close(self, summary: dict[str, Any]) -> dict[str, str]:
+    def close(self, summary: dict[str, Any]) -> Future[dict[str, str]]:
         """Complete the WAV headers and publish every file, the JSON summary last.
 
         Returns:
-            The published files, by track, plus ``"summary"``, as paths relative to the
-            record directory; also recorded in the summary under ``files``.
+            A future of the published files, by track, plus ``"summary"``, as paths relative to
+            the record directory (also recorded in the summary under ``files``).
         """
+        self._require_stream()
+        if self.dropped_bytes:
+            summary = {**summary, "recordingDroppedMs": round(self.dropped_bytes / SAMPLE_WIDTH / 8)}
+        future = self._writer.submit(self._finalize, dict(self._sizes), summary)
+        assert future is not None  # only droppable writes are refused
+        return future
+
+    def _create(self, tracks: list[str], meta: dict[str, Any] | None) -> None:
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        for track in tracks:
+            self._partial_wav(track).write_bytes(wav_header(0))
+        if meta is not None:
+            _write_json(self._partial_json(), meta)
+
+    def _write_at(self, track: str, offset: int, pcm: bytes) -> None:
+        fd = os.open(self._partial_wav(track), os.O_WRONLY)
+        try:
+            os.pwrite(fd, pcm, _HEADER_BYTES + offset)
+        finally:
+            os.close(fd)
+
+    def _finalize(self, sizes: dict[str, int], summary: dict[str, Any]) -> dict[str, str]:
         stream = self._require_stream()
-        for track, size in self._sizes.items():
-            with self._partial_wav(track).open("r+b") as f:
-                f.write(wav_header(size))
-        dest = self.record_dir / _safe_component(stream.call_key)
-        dest.mkdir(parents=True, exist_ok=True)
-        published = self._publish(dest, summary)
-        with contextlib.suppress(OSError):
-            self.partial_dir.rmdir()
-        return published
-
-    def _publish(self, dest: Path, summary: dict[str, Any]) -> dict[str, str]:
-        stream = self._require_stream()
-        for attempt in range(1000):
-            stem = stream.stream_sid if attempt == 0 else f"{stream.stream_sid}.{attempt}"
-            moves = {track: (self._partial_wav(track), dest / f"{stem}.{track}.wav") for track in self._sizes}
-            files = {track: str(target.relative_to(self.record_dir)) for track, (_, target) in moves.items()}
-            files["summary"] = str((dest / f"{stem}.json").relative_to(self.record_dir))
-            if not self._link_all(moves.values()):
-                continue
-            final_json = self.partial_dir / f"{stem}.final.json"
-            _write_json(final_json, {**summary, "files": files})
-            if not _link(final_json, dest / f"{stem}.json"):
-                self._unlink_targets(moves.values())
-                final_json.unlink()
-                continue
-            for source, _ in moves.values():
-                source.unlink()
-            final_json.unlink()
-            self._partial_json().unlink(missing_ok=True)
-            return files
-        raise FileExistsError(f"no free file name for stream {stream.stream_sid} in {dest}")
-
-    def _link_all(self, moves: Any) -> bool:
-        done: list[tuple[Path, Path]] = []
-        for source, target in moves:
-            if not _link(source, target):
-                self._unlink_targets(done)
-                return False
-            done.append((source, target))
-        return True
-
-    @staticmethod
-    def _unlink_targets(moves: Any) -> None:
-        for _, target in moves:
-            target.unlink(missing_ok=True)
+        return publish(self.record_dir, self.partial_dir, stream.stream_sid, stream.call_key, sizes, summary)
 
     def _partial_wav(self, track: str) -> Path:
         return self.partial_dir / f"{self._require_stream().stream_sid}.{track}.wav"
@@ -159,6 +146,78 @@ class WavRecorder:
         if self._stream is None:
             raise RuntimeError("WavRecorder.open() was not called")
         return self._stream
+
+
+def publish(
+    record_dir: Path,
+    partial_dir: Path,
+    stream_sid: str,
+    call_key: str,
+    sizes: dict[str, int],
+    summary: dict[str, Any],
+) -> dict[str, str]:
+    """Complete the WAV headers of a call's partial files and move them into place.
+
+    The files become ``<record_dir>/<call_key>/<stem>.<track>.wav`` and ``<stem>.json`` (last),
+    the stem being the streamSid, or the streamSid and a number when those names are taken.
+
+    Args:
+        record_dir: the root of recordings.
+        partial_dir: the directory the call's files were written in.
+        stream_sid: the stream's SID (the partial files' stem).
+        call_key: the call's directory name (callSid, or streamSid).
+        sizes: the PCM bytes of each track's WAV.
+        summary: the JSON to publish beside them.
+
+    Returns:
+        The published files, by track, plus ``"summary"``, relative to ``record_dir``.
+    """
+    partial_wav = {track: partial_dir / f"{stream_sid}.{track}.wav" for track in sizes}
+    for track, size in sizes.items():
+        with partial_wav[track].open("r+b") as f:
+            f.truncate(_HEADER_BYTES + size)  # audio that never reached the disk becomes silence
+            f.write(wav_header(size))
+    dest = record_dir / _safe_component(call_key)
+    dest.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        stem = stream_sid if attempt == 0 else f"{stream_sid}.{attempt}"
+        moves = [(partial_wav[track], dest / f"{stem}.{track}.wav") for track in sizes]
+        files = {
+            track: str(target.relative_to(record_dir))
+            for track, (_, target) in zip(sizes, moves, strict=True)
+        }
+        files["summary"] = str((dest / f"{stem}.json").relative_to(record_dir))
+        if not _link_all(moves):
+            continue
+        final_json = partial_dir / f"{stem}.final.json"
+        _write_json(final_json, {**summary, "files": files})
+        if not _link(final_json, dest / f"{stem}.json"):
+            _unlink_targets(moves)
+            final_json.unlink()
+            continue
+        for source, _ in moves:
+            source.unlink()
+        final_json.unlink()
+        (partial_dir / f"{stream_sid}.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial_dir.rmdir()
+        return files
+    raise FileExistsError(f"no free file name for stream {stream_sid} in {dest}")
+
+
+def _link_all(moves: list[tuple[Path, Path]]) -> bool:
+    done: list[tuple[Path, Path]] = []
+    for source, target in moves:
+        if not _link(source, target):
+            _unlink_targets(done)
+            return False
+        done.append((source, target))
+    return True
+
+
+def _unlink_targets(moves: list[tuple[Path, Path]]) -> None:
+    for _, target in moves:
+        target.unlink(missing_ok=True)
 
 
 def _link(source: Path, target: Path) -> bool:

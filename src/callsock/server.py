@@ -57,6 +57,7 @@ from .frames import (
     parse_close,
 )
 from .metrics import CONTENT_TYPE
+from .recover import leftovers
 from .service import CallService
 from .settings import Settings
 from .webhooks import is_signed, stream_url, twiml
@@ -270,6 +271,8 @@ class CallServer:
     async def start(self) -> None:
         """Listen on the configured host and port; :attr:`port` tells the port bound."""
         settings = self.settings
+        if self.service.cluster is not None:
+            await self.service.cluster.start()
         # keepalive_timeout also bounds how long a new connection may take to send its request.
         self.runner = web.AppRunner(
             self.build_app(),
@@ -289,15 +292,31 @@ class CallServer:
             tls=settings.ssl_certfile is not None,
             recordDir=str(settings.record_dir) if settings.record else None,
         )
+        stranded = leftovers(settings.record_dir) if settings.record else []
+        if stranded:
+            self.service.log.warning(
+                "recordings left unfinished by a server that stopped unexpectedly; "
+                f"run: callsock recover {settings.record_dir}",
+                calls=len(stranded),
+            )
         if not settings.auth_token:
             self.service.log.warning(
                 "no Twilio auth token: signatures are not checked and anyone can connect; "
                 "set --auth-token or TWILIO_AUTH_TOKEN (--require-signature makes it mandatory)"
             )
 
-    async def stop(self) -> None:
-        """Close every connection with 1001, finish every call, and stop listening."""
+    async def stop(self, drain: float = 0.0, hurry: asyncio.Event | None = None) -> None:
+        """Stop gracefully, losing nothing.
+
+        New calls are refused (503); open ones go on for up to ``drain`` seconds (less if
+        ``hurry`` is set); the rest are closed with 1001; every recording is written; then the
+        server stops listening.
+        """
+        await self.service.drain(drain, hurry)
         self.service.shut_down()
+        await self.service.wait_closed(self.settings.close_timeout + 10.0)
+        if self.service.cluster is not None:
+            await self.service.cluster.stop()
         if self.runner is not None:
             await self.runner.cleanup()
         self.service.log.info("stopped")
@@ -309,6 +328,8 @@ class CallServer:
         refusal = _check_upgrade(request)
         if refusal is not None:
             return refusal
+        if self.service.draining:
+            return web.Response(status=503, text="503 Service Unavailable: the server is shutting down.\n")
         if self.settings.auth_token and not is_signed(request, self.settings, "websocket"):
             return self._unsigned(request, "websocket")
         response = web.StreamResponse(
@@ -336,6 +357,17 @@ class CallServer:
             idle_timeout=settings.idle_timeout,
             start_timeout=settings.handshake_timeout,
         )
+        cluster = self.service.cluster
+        if cluster is not None and not await cluster.admit():
+            full = ServerBusy(cluster.max_calls or 0)
+            self.service.metrics.connections_refused += 1
+            self.service.log.warning(
+                "connection refused: cluster at --cluster-max-calls", closeCode=full.close_code
+            )
+            request.protocol.set_parser(stream)  # type: ignore[arg-type]
+            stream.close(full.close_code, "cluster at capacity")
+            await stream.done
+            return response
         admitted = self.service.admit(stream)
         if isinstance(admitted, Connection):
             stream.connection = admitted

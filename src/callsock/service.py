@@ -6,6 +6,8 @@ the call registry and the metrics. The aiohttp server and the ASGI adapter each 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -13,7 +15,9 @@ from typing import Any
 
 from .app import App
 from .builtins import builtin_app
+from .cluster import Cluster
 from .connection import Connection, Transport
+from .diskwriter import DiskWriter
 from .errors import CLOSE_GOING_AWAY, CallsockError, ServerBusy
 from .logs import get_logger, level_number
 from .metrics import ServerMetrics
@@ -46,14 +50,27 @@ class CallService:
         self.settings = settings
         self.app = app
         self.handlers: Handlers = _combined_handlers(app, settings)
+        self.writer = DiskWriter()
+        self.draining = False
+        self._no_connections = asyncio.Event()
+        self._no_connections.set()
         self.connections: dict[str, Connection] = {}
         self.registry: CallRegistry[Connection] = CallRegistry()
-        self.metrics = ServerMetrics(lambda: list(self.connections.values()))
+        self.metrics = ServerMetrics(lambda: list(self.connections.values()), lambda: self.cluster)
         self.debug = level_number(settings.log_level) <= level_number("debug")
         self.log = get_logger()
         self.started_monotonic = time.monotonic()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
+        self.cluster: Cluster | None = None
+        if settings.redis_url:
+            self.cluster = Cluster(
+                self,
+                settings.redis_url,
+                ttl=settings.registry_ttl,
+                events_maxlen=settings.events_maxlen,
+                max_calls=settings.cluster_max_calls,
+            )
 
     def admit(self, transport: Transport) -> Connection | ServerBusy:
         """Open a connection on ``transport``, or return the refusal if at ``max_calls``."""
@@ -64,6 +81,7 @@ class CallService:
             return busy
         connection = Connection(self, transport, f"{self._id_prefix}-{next(self._ids)}")
         self.connections[connection.id] = connection
+        self._no_connections.clear()
         self.metrics.connections_opened += 1
         return connection
 
@@ -71,19 +89,49 @@ class CallService:
         """Drop a closed connection, finishing its call if that has not happened yet."""
         connection.finish()
         self.connections.pop(connection.id, None)
+        if not self.connections:
+            self._no_connections.set()
+        if self.cluster is not None:
+            self.cluster.connection_closed()
 
     def shut_down(self) -> None:
         """Close every open connection with 1001; each call is finished with ``shutdown``."""
+        self.draining = True
         for connection in list(self.connections.values()):
             connection.end("shutdown", ShuttingDown())
+
+    async def drain(self, seconds: float, hurry: asyncio.Event | None = None) -> None:
+        """Refuse new calls and wait up to ``seconds`` (or until ``hurry``) for the open ones to end."""
+        self.draining = True
+        if not self.connections or seconds <= 0:
+            return
+        self.log.info("draining", connections=len(self.connections), drainSeconds=seconds)
+        waits = [asyncio.ensure_future(self._no_connections.wait())]
+        if hurry is not None:
+            waits.append(asyncio.ensure_future(hurry.wait()))
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+
+    async def wait_closed(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for every connection to be gone, then for the recordings to be written."""
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_connections.wait(), seconds)
+        remaining = max(seconds - (time.monotonic() - started), 1.0)
+        written = await asyncio.to_thread(self.writer.close, remaining)
+        if not written:
+            self.log.error("recordings still being written at exit; run callsock recover on the record dir")
 
     def health(self) -> dict[str, Any]:
         """Return liveness and load, as ``GET /health`` shows them."""
         return {
-            "status": "ok",
+            "status": "draining" if self.draining else "ok",
             "activeCalls": len(self.registry),
             "connections": len(self.connections),
+            "tasks": len(asyncio.all_tasks()),
             "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
+            **({"cluster": self.cluster.state()} if self.cluster is not None else {}),
         }
 
     def calls(self) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn, Protocol
 
@@ -41,8 +42,8 @@ class Sink(Protocol):
     def write(self, track: str, mulaw: bytes | bytearray) -> None:
         """Take a chunk of ``track``'s audio; the buffer is only valid during the call."""
 
-    def close(self, summary: dict[str, Any]) -> dict[str, str] | None:
-        """Finish with the call's summary; may return the files it published."""
+    def close(self, summary: dict[str, Any]) -> Future[dict[str, str]] | None:
+        """Finish with the call's summary; may return a future of the files it publishes."""
 
 
 class CallCounters:
@@ -78,6 +79,7 @@ class CallSession:
         connection_id: unique per connection, for logs and partial file names.
         sinks: where flushed audio goes; opened on ``start``, closed by :meth:`finish`.
         buffer_bytes: the capacity of the call's audio buffer.
+        flush_seconds: flush the buffer once its oldest audio is this old (``None``: when full).
         start_ack: see :class:`~callsock.protocol.StreamProtocol`.
         log: the logger lines about this call go to; bound to its SIDs on ``start``.
     """
@@ -88,6 +90,7 @@ class CallSession:
         *,
         sinks: Sequence[Sink] = (),
         buffer_bytes: int = 1 << 20,
+        flush_seconds: float | None = None,
         start_ack: StartAck = "auto",
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
@@ -105,9 +108,12 @@ class CallSession:
         """The monotonic time at which ``start`` arrived: the stream's time zero."""
         self.dtmf: list[dict[str, str | None]] = []
         self.summary: dict[str, Any] | None = None
+        self.publishing: list[Future[dict[str, str]]] = []
+        """What the sinks are still publishing once the call has finished."""
         self.log = log or structlog.get_logger("callsock")
         self._sinks = list(sinks)
         self._buffer_bytes = buffer_bytes
+        self._flush_seconds = flush_seconds
         self._buffer: AudioBuffer | None = None
         self._recording_outbound = False
 
@@ -196,14 +202,23 @@ class CallSession:
         self.summary = self._summary(stream)
         for sink in self._sinks:
             try:
-                files = sink.close(self.summary)
+                publishing = sink.close(self.summary)
             except OSError as exc:
                 self.log.error("sink failed", sink=type(sink).__name__, op="close", exc=str(exc))
                 continue
-            if files:
-                self.summary["files"] = files
+            if publishing is not None:
+                self.publishing.append(publishing)
+                publishing.add_done_callback(self._published)
         self._sinks.clear()
         return self.summary
+
+    def _published(self, future: Future[dict[str, str]]) -> None:
+        # Runs on the thread that published; the summary dict is not touched by anyone else now.
+        if not future.cancelled() and future.exception() is None:
+            files = future.result()
+            if self.summary is not None:
+                self.summary["files"] = files
+            self.log.info("recording published", files=files)
 
     def _receive_media(self, msg: Media) -> None:
         media = msg.media
@@ -228,7 +243,9 @@ class CallSession:
         self.started_at = _now()
         self.start_monotonic = time.monotonic()
         self.log = self.log.bind(callSid=stream.call_sid, streamSid=stream.stream_sid)
-        self._buffer = AudioBuffer(stream.tracks, self._buffer_bytes, self._deliver)
+        self._buffer = AudioBuffer(
+            stream.tracks, self._buffer_bytes, self._deliver, flush_after=self._flush_seconds
+        )
         meta = self._describe(stream)
         for sink in list(self._sinks):
             try:

@@ -54,6 +54,14 @@ class Settings:
         handshake_timeout: seconds a connection has to send its request, and then ``start``.
         ssl_certfile: a PEM certificate: serve ``wss://`` and ``https://`` directly.
         ssl_keyfile: the certificate's private key.
+        flush_seconds: the longest audio waits in a call's buffer before it goes to disk (what
+            a crash can lose).
+        drain_timeout: on SIGTERM, how long active calls may go on before they are closed.
+        redis_url: join a cluster of servers through this Redis (``redis://host:6379/0``).
+        cluster_max_calls: with ``redis_url``, the most connections across the whole cluster.
+        events_maxlen: with ``redis_url``, the length the ``callsock:events`` stream is capped at.
+        registry_ttl: with ``redis_url``, seconds a call's registration lasts unless refreshed
+            (how long a dead server can keep holding its calls).
     """
 
     host: str = "0.0.0.0"
@@ -85,6 +93,12 @@ class Settings:
     handshake_timeout: float = 10.0
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    flush_seconds: float = 5.0
+    drain_timeout: float = 30.0
+    redis_url: str | None = field(default=None, repr=False)
+    cluster_max_calls: int | None = None
+    events_maxlen: int = 10_000
+    registry_ttl: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -115,5 +129,11 @@ class Settings:
             raise ValueError("idle_timeout and handshake_timeout must be positive")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
+        if self.flush_seconds <= 0 or self.drain_timeout < 0:
+            raise ValueError("flush_seconds must be positive and drain_timeout not negative")
+        if self.cluster_max_calls is not None and (self.redis_url is None or self.cluster_max_calls < 1):
+            raise ValueError("cluster_max_calls needs redis_url and must be at least 1")
+        if self.events_maxlen < 1 or self.registry_ttl < 3:
+            raise ValueError("events_maxlen must be at least 1 and registry_ttl at least 3 seconds")
         if self.pause_seconds < 1:
             raise ValueError("pause_seconds must be at least 1")

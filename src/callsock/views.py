@@ -2,19 +2,74 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .bench import BenchConfig, BenchReport
+from .events import CallEvent
+from .recover import Recovered
 from .simulate import SimulationReport
 from .verify import Check
 
-__all__ = ["BenchProgress", "print_bench", "print_simulation", "print_verify"]
+__all__ = [
+    "BenchProgress",
+    "EventPrinter",
+    "print_bench",
+    "print_recovered",
+    "print_simulation",
+    "print_verify",
+]
+
+
+class EventPrinter:
+    """Show call events one line each, as they arrive: time, type, call, stream, details."""
+
+    _STYLES: Final = {"started": "green", "stopped": "yellow", "recording-ready": "cyan"}
+
+    def __init__(self) -> None:
+        self.console = Console(highlight=False, soft_wrap=True)  # one line per event, even piped
+
+    def show(self, event: CallEvent) -> None:
+        """Print one event."""
+        at = time.strftime("%H:%M:%S", time.localtime(event.at)) + f".{int(event.at * 1000) % 1000:03d}"
+        style = self._STYLES.get(event.type, "white")
+        details = " ".join(f"{key}={_short(value)}" for key, value in event.data.items())
+        self.console.print(
+            f"{at} [{style}]{event.type:<15}[/] {event.call_sid} {event.stream_sid} "
+            f"[dim]{event.server}[/] {escape(details)}"
+        )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def print_recovered(record_dir: Path, results: list[Recovered]) -> None:
+    """Show what was recovered, and what was left alone and why."""
+    if not results:
+        Console().print(f"nothing to recover in {record_dir}")
+        return
+    table = Table(title=f"callsock recover {record_dir}")
+    for column in ("connection", "callSid", "streamSid", "seconds", "result"):
+        table.add_column(column)
+    for r in results:
+        outcome = (
+            f"[yellow]left: {r.skipped}[/]"
+            if r.skipped
+            else f"[green]published[/] {r.files.get('summary', '')}"
+        )
+        table.add_row(r.connection_id, r.call_sid or "-", r.stream_sid or "-", f"{r.seconds:.1f}", outcome)
+    Console().print(table)
 
 
 def print_verify(url: str, checks: list[Check]) -> None:
