@@ -40,6 +40,11 @@ test: lint typecheck unit
 bench: $(VENV)/.installed-dev benchmarks/node/node_modules
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
+# The soak (about a minute; not part of make test): thousands of calls, then memory, descriptors and
+# tasks back to baseline. CALLSOCK_SOAK_CALLS, CALLSOCK_SOAK_CONCURRENT, CALLSOCK_SOAK_REPORT tune it.
+soak: $(VENV)/.installed-dev
+	$(BIN)/pytest -m slow -s tests/test_soak.py $(ARGS)
+
 benchmarks/node/node_modules: benchmarks/node/package.json benchmarks/node/package-lock.json
 	cd benchmarks/node && npm ci --no-audit --no-fund
 	@touch $@

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import struct
 import time
 import wave
 from collections.abc import AsyncIterator
@@ -270,3 +271,36 @@ def assert_valid_wav(path: Path) -> bytes:
         assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (8000, 2, 1)
         assert 44 + 2 * w.getnframes() == path.stat().st_size
     return read_wav(path)
+
+
+RFC_KEY = b"\x37\xfa\x21\x3d"  # the masking key of the examples in RFC 6455 section 5.7
+
+
+def raw_frame(
+    opcode: int,
+    payload: bytes,
+    key: bytes | None = RFC_KEY,
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    announce: int | None = None,
+) -> bytes:
+    """A client frame built independently of callsock (RFC 6455 section 5.2).
+
+    ``rsv`` is the three RSV bits as a number (0-7); the payload is masked with ``key`` (5.3), or
+    not at all with ``None``; ``announce`` lies about the payload's length.
+    """
+    size = len(payload) if announce is None else announce
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if key is not None else 0
+    if size < 126:
+        header = bytes((first, mask_bit | size))
+    elif size < 1 << 16:
+        header = bytes((first, mask_bit | 126)) + struct.pack(">H", size)
+    else:
+        header = bytes((first, mask_bit | 127)) + struct.pack(">Q", size)
+    if key is None:
+        return header + payload
+    stream = (key * (len(payload) // 4 + 1))[: len(payload)]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(payload), "big")
+    return header + key + masked

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -18,13 +17,7 @@ from callsock.cli import load_app, main
 from callsock.errors import ConfigurationError
 
 from .helpers import receive_close, sid, stop, twilio_start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from .processes import free_port, wait_healthy
 
 
 def run_cli(
@@ -146,7 +139,7 @@ async def test_serve_process_end_to_end(served: tuple[int, Path, subprocess.Pope
     port, record_dir, process = served
     stream_sid = sid("MZ", 60)
     async with aiohttp.ClientSession() as client:
-        await wait_healthy(client, port)
+        await wait_healthy(port)
         async with client.ws_connect(f"ws://127.0.0.1:{port}/media") as ws:
             await ws.send_str(twilio_start(stream_sid))
             await ws.send_str(stop(stream_sid))
@@ -156,18 +149,6 @@ async def test_serve_process_end_to_end(served: tuple[int, Path, subprocess.Pope
     output, _ = process.communicate(timeout=15)
     assert process.returncode == 0
     assert '"event": "listening"' in output and '"event": "stopped"' in output
-
-
-async def wait_healthy(client: aiohttp.ClientSession, port: int) -> None:
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                async with client.get(f"http://127.0.0.1:{port}/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:

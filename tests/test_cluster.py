@@ -7,8 +7,10 @@ import json
 import re
 import signal
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,19 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
         yield client
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def two_servers(
+    record_dir: Path, *options: str
+) -> AsyncIterator[tuple[subprocess.Popen[str], int, int]]:
+    """Two `callsock serve` processes with the same options, healthy: (process A, port A, port B)."""
+    with (
+        serve_process(record_dir, *options) as (a, port_a),
+        serve_process(record_dir, *options) as (_, port_b),
+    ):
+        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+        yield a, port_a, port_b
 
 
 async def health(port: int) -> dict[str, Any]:
@@ -121,11 +136,7 @@ async def test_replacement_across_servers(
     """A call reconnecting on server B closes its connection on A (4000) in under a second;
     A publishes its recording with endReason replaced; the events stream tells the whole story."""
     record_dir = tmp_path / "rec"
-    with (
-        serve_process(record_dir, "--redis-url", redis_server.url) as (_a, port_a),
-        serve_process(record_dir, "--redis-url", redis_server.url) as (_b, port_b),
-    ):
-        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+    async with two_servers(record_dir, "--redis-url", redis_server.url) as (_a, port_a, port_b):
         async with aiohttp.ClientSession() as client:
             first = StreamingCall(client, f"ws://127.0.0.1:{port_a}/call", 7)
             running = asyncio.create_task(first.run())
@@ -183,8 +194,7 @@ async def test_registration_expires_after_server_killed(
     replace them, and the cluster counts only the live server."""
     record_dir = tmp_path / "rec"
     ttl = ("--redis-url", redis_server.url, "--registry-ttl", "3")
-    with serve_process(record_dir, *ttl) as (a, port_a), serve_process(record_dir, *ttl) as (_b, port_b):
-        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+    async with two_servers(record_dir, *ttl) as (a, port_a, port_b):
         async with aiohttp.ClientSession() as client:
             call = StreamingCall(client, f"ws://127.0.0.1:{port_a}/call", 9)
             running = asyncio.create_task(call.run())
@@ -215,11 +225,7 @@ async def test_cluster_wide_connection_limit(
     """--cluster-max-calls 3 over two servers: the fourth connection anywhere gets 1013."""
     record_dir = tmp_path / "rec"
     options = ("--redis-url", redis_server.url, "--cluster-max-calls", "3")
-    with (
-        serve_process(record_dir, *options) as (_a, port_a),
-        serve_process(record_dir, *options) as (_b, port_b),
-    ):
-        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+    async with two_servers(record_dir, *options) as (_a, port_a, port_b):
         async with aiohttp.ClientSession() as client:
             ports = [port_a, port_a, port_b]
             sockets = [await client.ws_connect(f"ws://127.0.0.1:{port}/call") for port in ports]
@@ -257,11 +263,7 @@ async def test_redis_outage_keeps_calls_and_reregisters(
     meanwhile arrive, and replacement across servers works again."""
     record_dir = tmp_path / "rec"
     options = ("--redis-url", redis_server.url, "--registry-ttl", "3")
-    with (
-        serve_process(record_dir, *options) as (_a, port_a),
-        serve_process(record_dir, *options) as (_b, port_b),
-    ):
-        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+    async with two_servers(record_dir, *options) as (_a, port_a, port_b):
         async with aiohttp.ClientSession() as client:
             url_a = f"ws://127.0.0.1:{port_a}/call"
             calls = [StreamingCall(client, url_a, n) for n in range(3)]
@@ -372,11 +374,7 @@ async def test_the_whole_path_through_nginx(
     cert, key, authority = certificate
     record_dir = tmp_path / "rec"
     options = ("--redis-url", redis_server.url, "--auth-token", TOKEN, "--require-signature")
-    with (
-        serve_process(record_dir, *options) as (_a, port_a),
-        serve_process(record_dir, *options) as (_b, port_b),
-    ):
-        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+    async with two_servers(record_dir, *options) as (_a, port_a, port_b):
         port = free_port()
         nginx = Nginx(tmp_path / "nginx", nginx_config([port_a, port_b], port, cert, key))
         nginx.start(port)

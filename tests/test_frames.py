@@ -7,7 +7,6 @@ import itertools
 import random
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,43 +27,21 @@ from callsock.frames import (
     parse_close,
 )
 
-KEY = b"\x37\xfa\x21\x3d"  # the masking key of the examples in RFC 6455 section 5.7
+from .helpers import RFC_KEY, raw_frame
+
+KEY = RFC_KEY  # the masking key of the examples in RFC 6455 section 5.7
 LIMIT = 1 << 20
 Message = tuple[int, bytes]
 
 
-def mask(payload: bytes, key: bytes) -> bytes:
-    """XOR ``payload`` with the 4-byte ``key`` (RFC 6455 section 5.3): octet i with key octet i mod 4."""
-    assert len(key) == 4
-    octets = np.frombuffer(payload, dtype=np.uint8)
-    return (octets ^ np.resize(np.frombuffer(key, dtype=np.uint8), len(octets))).tobytes()
-
-
-def test_mask_helper_follows_the_rfc() -> None:
-    """The test's own mask helper: octet i XOR key octet i mod 4, and masking twice restores."""
-    assert mask(b"Hello", KEY) == bytes.fromhex("7f 9f 4d 51 58")
-    assert mask(b"", KEY) == b""
+def test_raw_frame_follows_the_rfc() -> None:
+    """The tests' frame builder reproduces RFC 6455 section 5.7's examples and each length form."""
+    assert raw_frame(OP_TEXT, b"Hello") == bytes.fromhex("818537fa213d7f9f4d5158")
+    assert raw_frame(OP_TEXT, b"Hello", None) == bytes.fromhex("810548656c6c6f")
+    assert raw_frame(OP_BINARY, b"", announce=70000)[:10] == bytes.fromhex("82ff0000000000011170")
     payload = bytes(range(256)) * 3
-    assert mask(payload, KEY) == bytes(octet ^ KEY[i % 4] for i, octet in enumerate(payload))
-    assert mask(mask(payload, KEY), KEY) == payload
-
-
-def frame(
-    opcode: int, payload: bytes, key: bytes = KEY, *, fin: bool = True, rsv: int = 0, masked: bool = True
-) -> bytes:
-    """A client frame, written independently of callsock: shortest length form, masked with ``key``."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    mask_bit = 0x80 if masked else 0
-    size = len(payload)
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size < 1 << 16:
-        header = bytes((first, mask_bit | 126)) + struct.pack(">H", size)
-    else:
-        header = bytes((first, mask_bit | 127)) + struct.pack(">Q", size)
-    if not masked:
-        return header + payload
-    return header + key + mask(payload, key)
+    masked = raw_frame(OP_BINARY, payload)[8:]
+    assert masked == bytes(octet ^ KEY[i % 4] for i, octet in enumerate(payload))
 
 
 def parse_server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
@@ -138,7 +115,7 @@ def test_client_frame_of_each_length_form(size: int) -> None:
 def test_masked_frame_of_each_length_form(size: int) -> None:
     """A frame masked with a non-zero key parses to the original payload for every length form."""
     payload = bytes(i % 253 for i in range(size))
-    data = frame(OP_TEXT, payload)
+    data = raw_frame(OP_TEXT, payload)
     assert len(data) == len(payload) + 4 + (2 if size < 126 else 4 if size < 1 << 16 else 10)
     assert feed_all(FrameReader(LIMIT), [data]) == [(OP_TEXT, payload)]
 
@@ -146,10 +123,10 @@ def test_masked_frame_of_each_length_form(size: int) -> None:
 def test_mask_is_applied() -> None:
     """The payload on the wire differs from the message, and the reader undoes the XOR exactly."""
     payload = b'{"event":"media","media":{"payload":"AAAA"}}'
-    data = frame(OP_TEXT, payload, b"\x01\x80\xff\x5a")
+    data = raw_frame(OP_TEXT, payload, b"\x01\x80\xff\x5a")
     assert payload not in data
     assert feed_all(FrameReader(LIMIT), [data]) == [(OP_TEXT, payload)]
-    other_key = frame(OP_TEXT, payload, b"\x02\x80\xff\x5a")
+    other_key = raw_frame(OP_TEXT, payload, b"\x02\x80\xff\x5a")
     assert other_key != data
     assert feed_all(FrameReader(LIMIT), [other_key]) == [(OP_TEXT, payload)]
 
@@ -157,10 +134,10 @@ def test_mask_is_applied() -> None:
 def test_binary_and_control_frames_keep_their_opcodes() -> None:
     """Binary, ping, pong and close frames come out with their own opcode and payload."""
     data = (
-        frame(OP_BINARY, b"\x00\x01\x02")
-        + frame(OP_PING, b"ping")
-        + frame(OP_PONG, b"")
-        + frame(OP_CLOSE, b"\x03\xe8bye")
+        raw_frame(OP_BINARY, b"\x00\x01\x02")
+        + raw_frame(OP_PING, b"ping")
+        + raw_frame(OP_PONG, b"")
+        + raw_frame(OP_CLOSE, b"\x03\xe8bye")
     )
     assert feed_all(FrameReader(LIMIT), [data]) == [
         (OP_BINARY, b"\x00\x01\x02"),
@@ -173,14 +150,14 @@ def test_binary_and_control_frames_keep_their_opcodes() -> None:
 def test_several_frames_in_one_chunk() -> None:
     """Several frames in one chunk are returned in order, whatever their length forms."""
     payloads = [b"a", b"", b"b" * 125, b"c" * 126, b"d" * 70000, b"e" * 3]
-    data = b"".join(frame(OP_TEXT, p, bytes((i, 7, 9, 200))) for i, p in enumerate(payloads))
+    data = b"".join(raw_frame(OP_TEXT, p, bytes((i, 7, 9, 200))) for i, p in enumerate(payloads))
     assert feed_all(FrameReader(LIMIT), [data]) == [(OP_TEXT, p) for p in payloads]
 
 
 def test_partial_frame_waits_for_the_rest() -> None:
     """A chunk ending mid-frame yields the whole frames only; the rest completes with the next chunk."""
     reader = FrameReader(LIMIT)
-    first, second = frame(OP_TEXT, b"one"), frame(OP_TEXT, b"two" * 50)
+    first, second = raw_frame(OP_TEXT, b"one"), raw_frame(OP_TEXT, b"two" * 50)
     data = first + second
     cut = len(first) + 7
     assert feed_all(reader, [data[:cut]]) == [(OP_TEXT, b"one")]
@@ -190,7 +167,7 @@ def test_partial_frame_waits_for_the_rest() -> None:
 
 def test_every_split_point_gives_the_same_messages() -> None:
     """Two chunks cut at any byte of a 7-bit, a 16-bit and a control frame give the same messages."""
-    data = frame(OP_TEXT, b"hello") + frame(OP_BINARY, bytes(range(200))) + frame(OP_PING, b"p")
+    data = raw_frame(OP_TEXT, b"hello") + raw_frame(OP_BINARY, bytes(range(200))) + raw_frame(OP_PING, b"p")
     expected = [(OP_TEXT, b"hello"), (OP_BINARY, bytes(range(200))), (OP_PING, b"p")]
     for cut in range(len(data) + 1):
         assert feed_all(FrameReader(LIMIT), [data[:cut], data[cut:]]) == expected, cut
@@ -198,7 +175,11 @@ def test_every_split_point_gives_the_same_messages() -> None:
 
 def test_byte_by_byte() -> None:
     """Feeding one byte at a time gives the same messages, each as soon as its last byte arrives."""
-    frames = [frame(OP_TEXT, b"hello"), frame(OP_TEXT, bytes(range(256)) * 2), client_frame(b"x" * 300)]
+    frames = [
+        raw_frame(OP_TEXT, b"hello"),
+        raw_frame(OP_TEXT, bytes(range(256)) * 2),
+        client_frame(b"x" * 300),
+    ]
     reader = FrameReader(LIMIT)
     got: list[tuple[int, Message]] = []
     data = b"".join(frames)
@@ -215,12 +196,12 @@ def test_byte_by_byte() -> None:
 def test_fragmented_message_with_interleaved_ping() -> None:
     """Text + continuation frames are joined; a ping between fragments is delivered in order."""
     parts = [
-        frame(OP_TEXT, b"Hel", fin=False),
-        frame(OP_PING, b"p1"),
-        frame(OP_CONTINUATION, b"lo ", b"\x00\x00\x00\x01", fin=False),
-        frame(OP_CONTINUATION, b"", fin=False),
-        frame(OP_CONTINUATION, b"world", b"\x10\x20\x30\x40"),
-        frame(OP_TEXT, b"next"),
+        raw_frame(OP_TEXT, b"Hel", fin=False),
+        raw_frame(OP_PING, b"p1"),
+        raw_frame(OP_CONTINUATION, b"lo ", b"\x00\x00\x00\x01", fin=False),
+        raw_frame(OP_CONTINUATION, b"", fin=False),
+        raw_frame(OP_CONTINUATION, b"world", b"\x10\x20\x30\x40"),
+        raw_frame(OP_TEXT, b"next"),
     ]
     expected = [(OP_PING, b"p1"), (OP_TEXT, b"Hello world"), (OP_TEXT, b"next")]
     assert feed_all(FrameReader(LIMIT), [b"".join(parts)]) == expected
@@ -238,21 +219,21 @@ def test_fragmented_message_with_interleaved_ping() -> None:
 def test_fragmented_binary_keeps_binary_opcode() -> None:
     """A binary message in fragments comes out as one binary message; an empty first fragment counts."""
     data = (
-        frame(OP_BINARY, b"", fin=False)
-        + frame(OP_CONTINUATION, b"\x01\x02", fin=False)
-        + frame(OP_CONTINUATION, b"\x03")
+        raw_frame(OP_BINARY, b"", fin=False)
+        + raw_frame(OP_CONTINUATION, b"\x01\x02", fin=False)
+        + raw_frame(OP_CONTINUATION, b"\x03")
     )
     assert feed_all(FrameReader(LIMIT), [data]) == [(OP_BINARY, b"\x01\x02\x03")]
 
 
 def test_message_of_exactly_the_limit_is_accepted() -> None:
     """A message of exactly max_message_bytes, whole or in fragments, is accepted."""
-    assert feed_all(FrameReader(10), [frame(OP_TEXT, b"0123456789")]) == [(OP_TEXT, b"0123456789")]
-    data = frame(OP_TEXT, b"01234", fin=False) + frame(OP_CONTINUATION, b"56789")
+    assert feed_all(FrameReader(10), [raw_frame(OP_TEXT, b"0123456789")]) == [(OP_TEXT, b"0123456789")]
+    data = raw_frame(OP_TEXT, b"01234", fin=False) + raw_frame(OP_CONTINUATION, b"56789")
     reader = FrameReader(10)
     assert feed_all(reader, [data]) == [(OP_TEXT, b"0123456789")]
     # the count starts again with the next message
-    assert feed_all(reader, [frame(OP_TEXT, b"abcdefghij")]) == [(OP_TEXT, b"abcdefghij")]
+    assert feed_all(reader, [raw_frame(OP_TEXT, b"abcdefghij")]) == [(OP_TEXT, b"abcdefghij")]
 
 
 # FrameReader: errors
@@ -261,51 +242,51 @@ def test_message_of_exactly_the_limit_is_accepted() -> None:
 def test_unmasked_client_frame() -> None:
     """An unmasked client frame (the RFC's unmasked "Hello") is a protocol error (1002)."""
     raises_code(bytes.fromhex("81 05 48 65 6c 6c 6f"), 1002)
-    raises_code(frame(OP_PING, b"", masked=False), 1002)
+    raises_code(raw_frame(OP_PING, b"", None), 1002)
 
 
-@pytest.mark.parametrize("rsv", [0x40, 0x20, 0x10, 0x70])
+@pytest.mark.parametrize("rsv", [4, 2, 1, 7])
 def test_reserved_bits(rsv: int) -> None:
     """RSV1, RSV2 or RSV3 set without a negotiated extension is a protocol error (1002)."""
-    raises_code(frame(OP_TEXT, b"x", rsv=rsv), 1002)
+    raises_code(raw_frame(OP_TEXT, b"x", rsv=rsv), 1002)
 
 
 @pytest.mark.parametrize("opcode", [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF])
 def test_unknown_opcode(opcode: int) -> None:
     """A reserved opcode is a protocol error (1002)."""
-    raises_code(frame(opcode, b"x"), 1002)
+    raises_code(raw_frame(opcode, b"x"), 1002)
 
 
 @pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
 def test_control_frame_over_125_bytes(opcode: int) -> None:
     """A control frame of 126 bytes is a protocol error (1002); one of 125 bytes is fine."""
-    raises_code(frame(opcode, b"x" * 126), 1002)
-    raises_code(frame(opcode, b"x" * 126)[:4], 1002)  # known from the header alone
-    assert feed_all(FrameReader(LIMIT), [frame(opcode, b"x" * 125)]) == [(opcode, b"x" * 125)]
+    raises_code(raw_frame(opcode, b"x" * 126), 1002)
+    raises_code(raw_frame(opcode, b"x" * 126)[:4], 1002)  # known from the header alone
+    assert feed_all(FrameReader(LIMIT), [raw_frame(opcode, b"x" * 125)]) == [(opcode, b"x" * 125)]
 
 
 @pytest.mark.parametrize("opcode", [OP_PING, OP_PONG, OP_CLOSE])
 def test_fragmented_control_frame(opcode: int) -> None:
     """A control frame without FIN is a protocol error (1002)."""
-    raises_code(frame(opcode, b"x", fin=False), 1002)
+    raises_code(raw_frame(opcode, b"x", fin=False), 1002)
 
 
 def test_continuation_without_a_message() -> None:
     """A continuation frame with no fragmented message open is a protocol error (1002)."""
-    raises_code(frame(OP_CONTINUATION, b"x"), 1002)
-    raises_code(frame(OP_CONTINUATION, b"x", fin=False), 1002)
+    raises_code(raw_frame(OP_CONTINUATION, b"x"), 1002)
+    raises_code(raw_frame(OP_CONTINUATION, b"x", fin=False), 1002)
     reader = FrameReader(LIMIT)
-    reader.feed(frame(OP_TEXT, b"a", fin=False) + frame(OP_CONTINUATION, b"b"))
+    reader.feed(raw_frame(OP_TEXT, b"a", fin=False) + raw_frame(OP_CONTINUATION, b"b"))
     with pytest.raises(FrameError) as info:
-        reader.feed(frame(OP_CONTINUATION, b"c"))  # the message was finished
+        reader.feed(raw_frame(OP_CONTINUATION, b"c"))  # the message was finished
     assert info.value.code == 1002
 
 
 @pytest.mark.parametrize("opcode", [OP_TEXT, OP_BINARY])
 def test_new_message_while_fragmented_message_open(opcode: int) -> None:
     """A new data frame before the fragmented message's final frame is a protocol error (1002)."""
-    raises_code(frame(OP_TEXT, b"abc", fin=False) + frame(opcode, b"def"), 1002)
-    raises_code(frame(OP_TEXT, b"abc", fin=False) + frame(opcode, b"def", fin=False), 1002)
+    raises_code(raw_frame(OP_TEXT, b"abc", fin=False) + raw_frame(opcode, b"def"), 1002)
+    raises_code(raw_frame(OP_TEXT, b"abc", fin=False) + raw_frame(opcode, b"def", fin=False), 1002)
 
 
 @pytest.mark.parametrize("size", [101, 126, 65536, 1 << 40])
@@ -327,12 +308,12 @@ def test_too_big_raised_from_the_header_alone(size: int) -> None:
 def test_fragments_over_the_limit() -> None:
     """Fragments whose total exceeds max_message_bytes raise 1009, though each one fits."""
     reader = FrameReader(10)
-    assert reader.feed(frame(OP_TEXT, b"012345", fin=False)) == []
-    assert reader.feed(frame(OP_PING, b"control frames do not count")) == [
+    assert reader.feed(raw_frame(OP_TEXT, b"012345", fin=False)) == []
+    assert reader.feed(raw_frame(OP_PING, b"control frames do not count")) == [
         (OP_PING, b"control frames do not count")
     ]
     with pytest.raises(FrameError) as info:
-        reader.feed(frame(OP_CONTINUATION, b"6789X")[:2])
+        reader.feed(raw_frame(OP_CONTINUATION, b"6789X")[:2])
     assert info.value.code == 1009
 
 
@@ -374,7 +355,7 @@ def test_close_frame_truncates_long_ascii_reason() -> None:
     assert opcode == OP_CLOSE
     assert len(payload) == 125
     assert parse_close(payload) == (1008, reason[:123])
-    assert FrameReader(LIMIT).feed(frame(OP_CLOSE, payload)) == [(OP_CLOSE, payload)]
+    assert FrameReader(LIMIT).feed(raw_frame(OP_CLOSE, payload)) == [(OP_CLOSE, payload)]
 
 
 def test_close_frame_truncates_long_non_ascii_reason_to_valid_utf8() -> None:
@@ -468,7 +449,7 @@ def test_split_at() -> None:
 @given(messages=payloads, data=st.data())
 def test_any_payloads_in_any_chunks(messages: list[tuple[int, bytes, bytes]], data: st.DataObject) -> None:
     """Any payloads, masked with any keys and concatenated, come back exactly in any chunking."""
-    wire = b"".join(frame(opcode, payload, key) for opcode, payload, key in messages)
+    wire = b"".join(raw_frame(opcode, payload, key) for opcode, payload, key in messages)
     cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=40))
     reader = FrameReader(LIMIT)
     assert feed_all(reader, split_at(wire, cuts)) == [(opcode, payload) for opcode, payload, _ in messages]
@@ -487,10 +468,10 @@ def test_any_fragmentation_with_pings(messages: list[bytes], data: st.DataObject
         for i, piece in enumerate(pieces):
             key = data.draw(st.binary(min_size=4, max_size=4))
             opcode = OP_TEXT if i == 0 else OP_CONTINUATION
-            wire += frame(opcode, piece, key, fin=i == len(pieces) - 1)
+            wire += raw_frame(opcode, piece, key, fin=i == len(pieces) - 1)
             if i < len(pieces) - 1 and data.draw(st.booleans()):
                 ping = f"{n}.{i}".encode()
-                wire += frame(OP_PING, ping, key)
+                wire += raw_frame(OP_PING, ping, key)
                 expected.append((OP_PING, ping))
         expected.append((OP_TEXT, message))
     chunks = split_at(wire, data.draw(st.lists(st.integers(0, len(wire)), max_size=40)))

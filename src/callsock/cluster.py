@@ -124,6 +124,7 @@ class Cluster:
         self.cluster_servers = 0
         self._admitting = 0
         self._count_pending = False
+        self._recovery = asyncio.Lock()
         self._ttl_ms = int(ttl * 1000)
         self._redis: aioredis.Redis | None = None
         self._events: deque[dict[str, str]] = deque(maxlen=_EVENTS_BUFFERED)
@@ -336,6 +337,12 @@ class Cluster:
 
     async def _recovered(self) -> None:
         """Redis answers again: register this server's calls (unless taken meanwhile)."""
+        assert self._redis is not None
+        async with self._recovery:  # the listener and the heartbeat may both notice
+            if not self.connected:
+                await self._register_again()
+
+    async def _register_again(self) -> None:
         assert self._redis is not None
         for call_key, connection_id in self._held():
             await self._redis.set(
