@@ -1,14 +1,16 @@
-"""Shared test helpers: Twilio-side message builders, a running server, WAV reading."""
+"""Shared test helpers: waiting on conditions, Twilio-side message builders, a running server, WAV reading."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
+import os
 import struct
 import time
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +24,63 @@ from callsock.server import CallServer
 from callsock.settings import Settings
 
 ACCOUNT = "AC" + "0" * 32
+
+WAIT_SECONDS = 10.0
+"""How long a test waits for something that should happen at once: far more than it takes on a
+busy machine, so only a real bug (it never happens) fails; the wait ends as soon as it happens."""
+
+
+def _describe(condition: Callable[..., object], what: str | None) -> str:
+    """Name what a test waits for: ``what``, else the condition's source (a lambda's), else its name."""
+    if what is not None:
+        return what
+    try:
+        source = inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        source = ""
+    if getattr(condition, "__name__", "") == "<lambda>" and source:
+        return source
+    return getattr(condition, "__qualname__", repr(condition))
+
+
+async def eventually(
+    condition: Callable[[], object | Awaitable[object]],
+    within: float = WAIT_SECONDS,
+    interval: float = 0.01,
+    *,
+    what: str | None = None,
+) -> Any:
+    """Poll ``condition()`` (plain or async) until it is truthy; return that value.
+
+    Fails with an AssertionError naming what was awaited after ``within`` seconds. This is how a
+    test waits for a server to process, a file to appear, a task to run: never a fixed sleep.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {within} s: {_describe(condition, what)}")
+        await asyncio.sleep(interval)
+
+
+def eventually_sync(
+    condition: Callable[[], object],
+    within: float = WAIT_SECONDS,
+    interval: float = 0.01,
+    *,
+    what: str | None = None,
+) -> Any:
+    """:func:`eventually` for code without an event loop (it blocks the thread while it polls)."""
+    deadline = time.monotonic() + within
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {within} s: {_describe(condition, what)}")
+        time.sleep(interval)
+    return result
 
 
 def sid(prefix: str, n: int) -> str:
@@ -148,9 +207,9 @@ def http_url(server: CallServer, path: str) -> str:
 
 
 async def receive_close(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
-    """Read until the server's close frame (at most 5 s); return its code and reason."""
+    """Read until the server's close frame (each message waited for at most WAIT_SECONDS); its code and reason."""
     while True:
-        msg = await ws.receive(timeout=5.0)
+        msg = await ws.receive(timeout=WAIT_SECONDS)
         if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
             return ws.close_code, msg.extra or ""
 
@@ -193,8 +252,8 @@ class TwilioPeer:
         await self.ws.send_str(stop(self.stream_sid, seq=self.seq))
 
     async def receive(self) -> dict[str, Any] | None:
-        """The next message from the server (waiting at most 5 s), parsed; None once it closes."""
-        msg = await self.ws.receive(timeout=5.0)
+        """The next message from the server (waiting at most WAIT_SECONDS), parsed; None once it closes."""
+        msg = await self.ws.receive(timeout=WAIT_SECONDS)
         if msg.type is not aiohttp.WSMsgType.TEXT:
             return None
         message: dict[str, Any] = json.loads(msg.data)
@@ -222,9 +281,17 @@ FRAME = bytes(range(0, 256, 8)) * 5  # 160 bytes, varied
 class StreamingCall:
     """A call that streams FRAME every 20 ms until the server closes it; keeps what it sent."""
 
-    def __init__(self, client: aiohttp.ClientSession, url: str, n: int, **connect: Any) -> None:
+    def __init__(
+        self,
+        client: aiohttp.ClientSession,
+        url: str,
+        n: int,
+        params: dict[str, str] | None = None,
+        **connect: Any,
+    ) -> None:
         self.client, self.url, self.connect = client, url, connect
         self.stream_sid, self.call_sid = sid("MZ", n), sid("CA", n)
+        self.params = params  # the start's customParameters
         self.sent = 0
         self.close_code: int | None = None
         self.close_reason: str | None = None
@@ -233,7 +300,7 @@ class StreamingCall:
     async def run(self, seconds: float | None = None) -> None:
         """Stream for ``seconds`` (then stop), or until the server closes the connection."""
         async with self.client.ws_connect(self.url, **self.connect) as ws:
-            await ws.send_str(twilio_start(self.stream_sid, self.call_sid))
+            await ws.send_str(twilio_start(self.stream_sid, self.call_sid, params=self.params))
             reader = asyncio.create_task(ws.receive())
             reader.add_done_callback(lambda _: setattr(self, "answered_at", time.monotonic()))
             began = time.monotonic()
@@ -255,6 +322,16 @@ class StreamingCall:
     def audio(self) -> bytes:
         """The linear PCM of what was sent."""
         return decoded(FRAME * self.sent)
+
+
+def files_under(directory: Path) -> list[Path]:
+    """The files under ``directory`` (none if it does not exist), also while a server removes some.
+
+    ``Path.rglob`` raises FileNotFoundError when a directory it found vanishes before it looks
+    inside, as a call's ``.partial/`` directory does when the call is published; ``os.walk``
+    skips it.
+    """
+    return [Path(root) / name for root, _, names in os.walk(directory) for name in names]
 
 
 def published(record_dir: Path) -> dict[str, dict[str, Any]]:

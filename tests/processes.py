@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,15 +20,45 @@ from pathlib import Path
 
 import aiohttp
 
+from .helpers import eventually
+
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel picks from for outgoing connections (and for binding port 0)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, for a process to listen on in a moment.
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out (binding port 0) is
+    free again once returned, and any outgoing connection of the test (hundreds: health polls,
+    clients, a server reconnecting to Redis) may take it as its local port before the process
+    binds it, or while Redis is stopped and about to start again on it. Never the same port twice
+    in one test session, either.
+    """
+    low = min(_ephemeral_range()[0], 32768)
+    for _ in range(1000):
+        port = random.randrange(10_000, low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
         return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
 
 
 def system_binary(name: str, package: str) -> str:
@@ -60,13 +91,41 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+class LoggedProcess(subprocess.Popen[str]):
+    """A process whose output (stdout and stderr) goes to a file, not to a pipe.
+
+    Nobody reads a pipe while the test runs, and once the 64 KiB it holds is full, the server
+    blocks in its next log line: a test that makes it log a lot would hang. ``communicate()``
+    waits for the process and returns the file's text, as it would have returned the pipe's.
+    """
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        self.log = log
+        self._log_file = log.open("w", encoding="utf-8")
+        super().__init__(command, stdout=self._log_file, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        """What the process has written so far."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def communicate(self, input: str | None = None, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the process (at most ``timeout`` seconds); return its output (stderr is in it)."""
+        self.wait(timeout)
+        self._log_file.close()
+        return self.output(), ""
+
+
 @contextmanager
 def serve_process(record_dir: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """`callsock serve` as a real process on a free port; killed at the end if still running."""
+    """`callsock serve` as a real process on a free port; killed at the end if still running.
+
+    Its output goes to ``serve-<port>.log`` beside ``record_dir``; ``communicate()`` returns it.
+    """
     port = free_port()
     command = [sys.executable, "-m", "callsock", "serve", "--host", "127.0.0.1", "--port", str(port),
                "--record-dir", str(record_dir), "--log-format", "json", *args]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    record_dir.parent.mkdir(parents=True, exist_ok=True)
+    process = LoggedProcess(command, record_dir.parent / f"serve-{port}.log")
     try:
         yield process, port
     finally:
@@ -75,17 +134,24 @@ def serve_process(record_dir: Path, *args: str) -> Iterator[tuple[subprocess.Pop
         process.communicate(timeout=20)
 
 
-async def wait_healthy(port: int, scheme: str = "http") -> None:
-    """Wait until the server on ``port`` answers ``GET /health`` with 200."""
-    async with aiohttp.ClientSession() as client, asyncio.timeout(20):
-        while True:
+async def wait_healthy(port: int, scheme: str = "http", process: subprocess.Popen[str] | None = None) -> None:
+    """Wait (at most 30 s: a process starting on a busy machine) until ``GET /health`` answers 200.
+
+    With ``process`` (the server), fail at once, with its output, if it exits instead.
+    """
+    async with aiohttp.ClientSession() as client:
+
+        async def healthy() -> bool:
+            if process is not None and process.poll() is not None:
+                output = process.output() if isinstance(process, LoggedProcess) else ""
+                raise AssertionError(f"the server on port {port} exited ({process.returncode}):\n{output}")
             try:
                 async with client.get(f"{scheme}://127.0.0.1:{port}/health") as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)
+                return False
+
+        await eventually(healthy, within=30.0, interval=0.05, what=f"GET /health answered 200 on port {port}")
 
 
 async def run_callsock(*args: str) -> tuple[int, str, str]:

@@ -53,21 +53,22 @@ def test_version() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"CALLSOCK_PORT": "eighty"}, "invalid int value"),
-        ({"CALLSOCK_START_ACK": "sometimes"}, "CALLSOCK_START_ACK"),
-        ({"CALLSOCK_NO_RECORD": "maybe"}, "CALLSOCK_NO_RECORD"),
-        ({"CALLSOCK_PATH": "call"}, "path must start with '/'"),
-        ({"CALLSOCK_MAX_CALLS": "0"}, "max_calls"),
-        ({"CALLSOCK_REQUIRE_SIGNATURE": "1", "TWILIO_AUTH_TOKEN": ""}, "needs an auth token"),
-        ({"CALLSOCK_PUBLIC_URL": "https://x.test/?a=1"}, "query string"),
-        ({"CALLSOCK_PARAM": "novalue"}, "--param takes KEY=VALUE"),
+        ({"CALLSOCK_PORT": "eighty"}, "CALLSOCK_PORT=eighty: --port takes a whole number"),
+        ({"CALLSOCK_MAX_CALLS": "0"}, "CALLSOCK_MAX_CALLS=0: --max-calls must be at least 1"),
+        ({"CALLSOCK_REQUIRE_SIGNATURE": "1", "TWILIO_AUTH_TOKEN": "", "CALLSOCK_AUTH_TOKEN": ""},
+         "CALLSOCK_REQUIRE_SIGNATURE=1: --require-signature needs an auth token (--auth-token or TWILIO_AUTH_TOKEN)"),
     ],
-)
-def test_bad_environment_is_a_clear_error(env: dict[str, str], message: str) -> None:
-    """A bad CALLSOCK_ variable stops the command with exit 2 and names the problem."""
-    result = run_cli("serve", env=env)
+)  # fmt: skip
+def test_bad_environment_is_a_clear_error(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    """A bad CALLSOCK_ variable stops the real process with exit 2 and one line naming it.
+
+    (Every variable and option is covered in-process by tests/test_cli_errors.py.)
+    """
+    port = () if "CALLSOCK_PORT" in env else ("--port", "0")
+    result = run_cli("serve", "--host", "127.0.0.1", *port, env=env, cwd=tmp_path)
     assert result.returncode == 2
-    assert message in result.stderr
+    assert result.stderr == f"callsock serve: error: {message}\n"
+    assert result.stdout == ""
 
 
 def test_load_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,8 +78,9 @@ def test_load_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     app = load_app("mybot:Holder.app")
     assert app is sys.modules["mybot"].Holder.app
-    for spec, message in [("mybot", "module:attribute"), ("nomodule_xyz:app", "cannot import"),
-                          ("mybot:missing", "no attribute")]:  # fmt: skip
+    for spec, message in [("mybot", "must look like module:attribute"),
+                          ("nomodule_xyz:app", "cannot import 'nomodule_xyz': no module named"),
+                          ("mybot:missing", "module 'mybot' has no attribute 'missing'")]:  # fmt: skip
         with pytest.raises(ConfigurationError, match=message):
             load_app(spec)
 
@@ -87,21 +89,36 @@ def test_serve_with_bad_app_exits_2(tmp_path: Path) -> None:
     """`serve` with an APP that does not load, or is not an App, exits 2 before listening."""
     result = run_cli("serve", "nomodule_xyz:app", "--port", str(free_port()), cwd=tmp_path)
     assert result.returncode == 2
-    assert "cannot import 'nomodule_xyz'" in result.stderr
+    assert result.stderr.startswith(
+        "callsock serve: error: APP nomodule_xyz:app: cannot import 'nomodule_xyz'"
+    )
     (tmp_path / "notapp.py").write_text("app = object()\n")
     result = run_cli("serve", "notapp:app", "--port", str(free_port()), cwd=tmp_path)
     assert result.returncode == 2
-    assert "notapp:app is a object, not a callsock.App" in result.stderr
+    assert result.stderr == "callsock serve: error: APP notapp:app: names an object, not a callsock.App\n"
 
 
-def test_main_returns_status_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_returns_status_in_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """main() returns 2 for a bad environment without raising."""
-    os.environ["CALLSOCK_START_ACK"] = "bogus"
-    try:
-        assert main(["serve"]) == 2
-    finally:
-        del os.environ["CALLSOCK_START_ACK"]
-    assert "choose from auto, always, never" in capsys.readouterr().err
+    monkeypatch.setenv("CALLSOCK_START_ACK", "bogus")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == (
+        "callsock serve: error: CALLSOCK_START_ACK=bogus: --start-ack takes one of auto, always, never\n"
+    )
+
+
+def test_a_bad_variable_only_matters_when_it_is_used(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flag wins over its variable, even a bad one; other commands ignore serve's variables."""
+    monkeypatch.setenv("CALLSOCK_START_ACK", "bogus")
+    monkeypatch.setenv("CALLSOCK_PORT", "eighty")
+    assert main(["serve", "--start-ack", "always", "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "callsock serve: error: --port must be from 0 to 65535 (got 70000)\n"
+    assert main(["bench", "ws://127.0.0.1:9/call", "--calls", "0"]) == 2
+    assert capsys.readouterr().err == "callsock bench: error: --calls must be at least 1 (got 0)\n"
 
 
 @pytest.fixture
@@ -168,4 +185,7 @@ def test_bad_greeting_is_a_clear_error(tmp_path: Path) -> None:
     bogus.write_text("not audio")
     result = run_cli("serve", "--greeting", str(bogus), "--port", str(free_port()), cwd=tmp_path)
     assert result.returncode == 2
-    assert "hello.wav: not a PCM WAV file" in result.stderr
+    assert result.stderr == (
+        f"callsock serve: error: --greeting must be a PCM WAV file: file does not start with RIFF id (got {bogus})\n"
+    )
+    assert result.stdout == ""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import signal
 import ssl
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +28,15 @@ from callsock.errors import ConfigurationError
 from callsock.settings import Settings
 from callsock.signatures import signature_for
 
-from .helpers import StreamingCall, TwilioPeer, assert_valid_wav, receive_close, sid
+from .helpers import (
+    WAIT_SECONDS,
+    StreamingCall,
+    TwilioPeer,
+    assert_valid_wav,
+    eventually,
+    receive_close,
+    sid,
+)
 from .processes import Nginx, RedisServer, free_port, run_callsock, serve_process, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,9 +75,9 @@ async def two_servers(
     """Two `callsock serve` processes with the same options, healthy: (process A, port A, port B)."""
     with (
         serve_process(record_dir, *options) as (a, port_a),
-        serve_process(record_dir, *options) as (_, port_b),
+        serve_process(record_dir, *options) as (b, port_b),
     ):
-        await asyncio.gather(wait_healthy(port_a), wait_healthy(port_b))
+        await asyncio.gather(wait_healthy(port_a, process=a), wait_healthy(port_b, process=b))
         yield a, port_a, port_b
 
 
@@ -80,14 +90,6 @@ async def health(port: int) -> dict[str, Any]:
 async def metrics(port: int) -> str:
     async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/metrics") as r:
         return await r.text()
-
-
-async def eventually(check: Any, within: float = 10.0) -> None:
-    """Wait until the async ``check()`` is truthy (polling), or fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"{check.__name__} still false after {within} s"
-        await asyncio.sleep(0.05)
 
 
 async def registered(client: aioredis.Redis, call_sid: str) -> str | None:
@@ -133,7 +135,7 @@ async def test_events_requires_a_reachable_redis() -> None:
 async def test_replacement_across_servers(
     tmp_path: Path, redis_server: RedisServer, redis_client: aioredis.Redis
 ) -> None:
-    """A call reconnecting on server B closes its connection on A (4000) in under a second;
+    """A call reconnecting on server B closes its connection on A (4000) at once, told over pub/sub;
     A publishes its recording with endReason replaced; the events stream tells the whole story."""
     record_dir = tmp_path / "rec"
     async with two_servers(record_dir, "--redis-url", redis_server.url) as (_a, port_a, port_b):
@@ -148,10 +150,13 @@ async def test_replacement_across_servers(
                 second = TwilioPeer(ws, first.stream_sid, first.call_sid)
                 await second.start()
                 replaced_from = time.monotonic()
-                await asyncio.wait_for(running, 5)
+                await asyncio.wait_for(running, WAIT_SECONDS)
                 assert first.answered_at is not None
                 assert_replaced(first)
-                assert first.answered_at - replaced_from < 1.0
+                # Milliseconds, told over pub/sub. Not a performance figure: the bound only tells
+                # that apart from A finding out by itself at its next registry refresh (every
+                # ttl/3, 10 s by default), and is generous enough for a busy machine.
+                assert first.answered_at - replaced_from < 5.0
                 assert await registered(redis_client, first.call_sid) not in (None, holder_a)
                 await second.media(bytes(range(160)))
                 await second.dtmf("5")
@@ -164,6 +169,14 @@ async def test_replacement_across_servers(
         assert [s["endReason"] for s in summaries] == ["replaced", "stop"]
         await eventually(lambda: _no_call(redis_client, first.call_sid))
         assert "callsock_connections_replaced_total 1.0" in await metrics(port_a)
+
+        async def both_recordings_ready() -> bool:
+            events = await _events_of(redis_server.url, first.call_sid)
+            return sum(kind == "recording-ready" for kind, _ in events) == 2
+
+        # Each server's last event: once both are in Redis, so is everything before them, and the
+        # servers may be killed (what a server had not yet written to Redis would be lost).
+        await eventually(both_recordings_ready)
 
     events = await read_events(redis_server.url, 7, "--from-start")
     kinds = [(e["type"], e["data"].get("endReason")) for e in events]
@@ -203,13 +216,13 @@ async def test_registration_expires_after_server_killed(
             a.send_signal(signal.SIGKILL)
             await asyncio.gather(running, return_exceptions=True)
             assert await redis_client.pttl(f"callsock:call:{call.call_sid}") <= 3000
-            await eventually(lambda: _no_call(redis_client, call.call_sid), within=6)
+            await eventually(lambda: _no_call(redis_client, call.call_sid))  # after the 3 s ttl
 
             async def one_server() -> bool:
                 servers: int = (await health(port_b))["cluster"]["servers"]
                 return servers == 1
 
-            await eventually(one_server, within=10)
+            await eventually(one_server)
             async with client.ws_connect(f"ws://127.0.0.1:{port_b}/call") as ws:
                 again = TwilioPeer(ws, call.stream_sid, call.call_sid)
                 await again.start()
@@ -269,7 +282,7 @@ async def test_redis_outage_keeps_calls_and_reregisters(
             calls = [StreamingCall(client, url_a, n) for n in range(3)]
             running = [asyncio.create_task(call.run()) for call in calls]
             for call in calls:
-                await eventually(lambda call=call: registered(redis_client, call.call_sid))
+                await eventually(functools.partial(registered, redis_client, call.call_sid))
 
             redis_server.stop()
 
@@ -283,7 +296,8 @@ async def test_redis_outage_keeps_calls_and_reregisters(
             assert re.search(r'callsock_redis_events_total\{event="errors"\} [1-9]', text)
             during = StreamingCall(client, url_a, 50)
             running.append(asyncio.create_task(during.run()))
-            await asyncio.sleep(1.0)
+            # A second of the outage, counted in audio the new call streamed (50 frames of 20 ms).
+            await eventually(lambda: during.sent >= 50 or any(task.done() for task in running))
             assert not any(task.done() for task in running), "a call was dropped during the outage"
 
             redis_server.start()
@@ -300,7 +314,7 @@ async def test_redis_outage_keeps_calls_and_reregisters(
             async with client.ws_connect(f"ws://127.0.0.1:{port_b}/call") as ws:
                 second = TwilioPeer(ws, calls[0].stream_sid, calls[0].call_sid)
                 await second.start()
-                await asyncio.wait_for(running[0], 5)
+                await asyncio.wait_for(running[0], WAIT_SECONDS)
                 assert_replaced(calls[0])
                 await second.stop()
                 assert (await receive_close(ws))[0] == 1000
@@ -308,8 +322,12 @@ async def test_redis_outage_keeps_calls_and_reregisters(
             for task in running[1:]:
                 task.cancel()
             await asyncio.gather(*running[1:], return_exceptions=True)
+
             # Written while Redis was away, sent when it came back.
-            assert ("started", during.call_sid) in await _events_of(redis_server.url, during.call_sid)
+            async def started_event_arrived() -> bool:
+                return ("started", during.call_sid) in await _events_of(redis_server.url, during.call_sid)
+
+            await eventually(started_event_arrived)
 
 
 async def _events_of(redis_url: str, call_sid: str) -> list[tuple[str, str]]:
@@ -324,8 +342,8 @@ async def _events_of(redis_url: str, call_sid: str) -> list[tuple[str, str]]:
 async def test_events_consumer_group_resumes(tmp_path: Path, redis_server: RedisServer) -> None:
     """Readers in a consumer group share the stream: each event is handed out once, and a
     reader started again continues after what was acknowledged."""
-    with serve_process(tmp_path / "rec", "--redis-url", redis_server.url) as (_p, port):
-        await wait_healthy(port)
+    with serve_process(tmp_path / "rec", "--redis-url", redis_server.url) as (process, port):
+        await wait_healthy(port, process=process)
         async with aiohttp.ClientSession() as client:
             for n in range(2):
                 await StreamingCall(client, f"ws://127.0.0.1:{port}/call", n).run(seconds=0.2)
@@ -367,7 +385,10 @@ def nginx_config(upstreams: list[int], port: int, cert: Path, key: Path) -> str:
 
 
 async def test_the_whole_path_through_nginx(
-    tmp_path: Path, redis_server: RedisServer, certificate: tuple[Path, Path, Path]
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    certificate: tuple[Path, Path, Path],
 ) -> None:
     """Twilio's view: TLS at nginx, the signed TwiML webhook, a signed wss:// call through to one
     of two servers, a reconnect of the call replacing it, and the recording."""
@@ -379,7 +400,7 @@ async def test_the_whole_path_through_nginx(
         nginx = Nginx(tmp_path / "nginx", nginx_config([port_a, port_b], port, cert, key))
         nginx.start(port)
         try:
-            await _call_through(port, ssl.create_default_context(cafile=str(authority)))
+            await _call_through(port, ssl.create_default_context(cafile=str(authority)), redis_client)
         finally:
             nginx.stop()
     # Both connections of the call share its streamSid; each has its own files.
@@ -389,7 +410,7 @@ async def test_the_whole_path_through_nginx(
     assert len(wavs) == 2 and all(assert_valid_wav(w) for w in wavs)
 
 
-async def _call_through(port: int, context: ssl.SSLContext) -> None:
+async def _call_through(port: int, context: ssl.SSLContext, redis_client: aioredis.Redis) -> None:
     base = f"https://127.0.0.1:{port}"
     form = {"CallSid": sid("CA", 1), "AccountSid": "AC" + "0" * 32}
     signed = {"X-Twilio-Signature": signature_for(TOKEN, f"{base}/twiml", form)}
@@ -399,17 +420,22 @@ async def _call_through(port: int, context: ssl.SSLContext) -> None:
             twiml = await response.text()
         stream_url = f"wss://127.0.0.1:{port}/call"
         assert f'url="{stream_url}"' in twiml
+        # Twilio sends the <Stream>'s <Parameter>s in start.customParameters: so does this call.
+        params = {p.attrib["name"]: p.attrib["value"] for p in ET.fromstring(twiml).iter("Parameter")}
         upgrade = {"X-Twilio-Signature": signature_for(TOKEN, stream_url, {})}
         with pytest.raises(aiohttp.WSServerHandshakeError) as unsigned:
             await client.ws_connect(stream_url, ssl=context)
         assert unsigned.value.status == 403
-        first = StreamingCall(client, stream_url, 1, ssl=context, headers=upgrade)
+        first = StreamingCall(client, stream_url, 1, params, ssl=context, headers=upgrade)
         running = asyncio.create_task(first.run())
-        await asyncio.sleep(0.5)
+        # The first connection streams, and holds the call in the cluster, before the second comes.
+        await eventually(lambda: first.sent >= 10 or running.done())
+        assert not running.done(), f"the first connection ended: {first.close_code} {first.close_reason}"
+        await eventually(lambda: registered(redis_client, first.call_sid))
         async with client.ws_connect(stream_url, ssl=context, headers=upgrade) as ws:
             second = TwilioPeer(ws, first.stream_sid, first.call_sid)
-            await second.start()
-            await asyncio.wait_for(running, 5)
+            await second.start(params=params)
+            await asyncio.wait_for(running, WAIT_SECONDS)
             assert_replaced(first)
             assert first.sent >= 10
             await second.media(bytes(range(160)) * 5)

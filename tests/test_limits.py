@@ -9,7 +9,18 @@ from pathlib import Path
 
 import aiohttp
 
-from .helpers import http_url, media, receive_close, running_server, sid, stop, twilio_start, ws_url
+from .helpers import (
+    WAIT_SECONDS,
+    eventually,
+    http_url,
+    media,
+    receive_close,
+    running_server,
+    sid,
+    stop,
+    twilio_start,
+    ws_url,
+)
 
 
 async def test_oversized_message_closes_1009(client: aiohttp.ClientSession, record_dir: Path) -> None:
@@ -52,6 +63,7 @@ async def test_no_start_within_the_handshake_timeout(client: aiohttp.ClientSessi
         async with client.ws_connect(ws_url(server)) as ws:
             code, reason = await receive_close(ws)
         assert code == 1008 and "no start" in reason
+        await eventually(lambda: not server.connections)  # given back once the closing handshake is done
         async with client.ws_connect(ws_url(server)) as ws:  # the slot is free again
             await ws.send_str(twilio_start(sid("MZ", 4)))
             await ws.send_str(stop(sid("MZ", 4)))
@@ -64,7 +76,7 @@ async def test_slow_http_request_is_dropped(record_dir: Path) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET /call HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
         await writer.drain()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(WAIT_SECONDS):
             assert await reader.read() == b""  # the server closed the connection
         writer.close()
 

@@ -12,7 +12,7 @@ from callsock.errors import CallEnded
 from callsock.outbound import FRAME_BYTES, Outbound
 from callsock.protocol import StreamProtocol
 
-from .helpers import sid, twilio_start
+from .helpers import eventually, sid, twilio_start
 
 STREAM = sid("MZ", 1)
 
@@ -37,7 +37,7 @@ class Peer:
     def __init__(self, time: VirtualTime) -> None:
         self.time = time
         self.sent: list[tuple[float, dict[str, object]]] = []
-        self.recorded: list[tuple[float, bytes]] = []
+        self.recorded: list[tuple[bytes, float | None]] = []
         self.closing = False
 
     def write(self, data: bytes) -> bool:
@@ -50,8 +50,8 @@ class Peer:
     def close(self, code: int, reason: str) -> None:
         self.closing = True
 
-    def record(self, play_time: float, mulaw: bytes) -> None:
-        self.recorded.append((play_time, mulaw))
+    def record(self, mulaw: bytes, play_time: float | None) -> None:
+        self.recorded.append((mulaw, play_time))
 
     def events(self) -> list[str]:
         return [str(message["event"]) for _, message in self.sent]
@@ -100,11 +100,12 @@ async def test_messages_carry_the_stream_sid_and_no_header() -> None:
 
 
 async def test_recorded_at_play_time() -> None:
-    """Each chunk is recorded at the time it starts to play: back to back from the first."""
+    """Each chunk is recorded where it plays: the first at the time it started, the rest back to back."""
     outbound, peer, time = make()
     start = time.now
     await outbound.audio(b"\x22" * FRAME_BYTES * 10)
-    assert [round(t - start, 6) for t, _ in peer.recorded] == [round(0.02 * i, 6) for i in range(10)]
+    outbound.close()  # what was sent and had not played yet is recorded too
+    assert peer.recorded == [(b"\x22" * FRAME_BYTES, start)] + [(b"\x22" * FRAME_BYTES, None)] * 9
 
 
 async def test_remainder_waits_for_more_audio() -> None:
@@ -124,10 +125,8 @@ async def test_remainder_flushed_when_playback_runs_dry() -> None:
     outbound = Outbound(protocol, peer, lambda t, b: None)
     await outbound.audio(b"\x05" * (FRAME_BYTES + 10))
     assert peer.payloads() == [b"\x05" * FRAME_BYTES]
-    async with asyncio.timeout(2):
-        while len(sent := peer.payloads()) < 2:
-            await asyncio.sleep(0.005)
-    assert sent[1] == b"\x05" * 10
+    await eventually(lambda: len(peer.payloads()) == 2)  # a timer on the real clock sends it
+    assert peer.payloads()[1] == b"\x05" * 10
 
 
 async def test_mark_follows_audio_and_reports_played() -> None:
@@ -135,7 +134,7 @@ async def test_mark_follows_audio_and_reports_played() -> None:
     outbound, peer, _ = make()
     await outbound.audio(b"\x03" * 170)
     task = asyncio.create_task(outbound.mark("m1"))
-    await asyncio.sleep(0)
+    await eventually(lambda: "mark" in peer.events(), interval=0)
     assert peer.events() == ["media", "media", "mark"]
     assert peer.sent[-1][1] == {"event": "mark", "streamSid": STREAM, "mark": {"name": "m1"}}
     assert outbound.mark_echoed("m1") == "played"
@@ -147,7 +146,7 @@ async def test_clear_settles_pending_marks_as_cleared() -> None:
     outbound, peer, _ = make()
     await outbound.audio(b"\x04" * FRAME_BYTES)
     task = asyncio.create_task(outbound.mark("m1"))
-    await asyncio.sleep(0)
+    await eventually(lambda: outbound.pending_marks == 1, interval=0)  # sent: the clear comes after it
     await outbound.clear()
     assert await task == "cleared"
     assert peer.events() == ["media", "mark", "clear"]
@@ -158,7 +157,7 @@ async def test_echo_after_clear_means_cleared() -> None:
     """Twilio echoes pending marks on clear; such an echo is reported as cleared, not played."""
     outbound, _, _ = make()
     task = asyncio.create_task(outbound.mark("m1"))
-    await asyncio.sleep(0)
+    await eventually(lambda: outbound.pending_marks == 1, interval=0)  # sent: the clear comes after it
     await outbound.clear()
     assert outbound.mark_echoed("m1") == "cleared"
     assert await task == "cleared"
@@ -170,7 +169,7 @@ async def test_mark_sent_after_clear_plays() -> None:
     outbound, _, _ = make()
     await outbound.clear()
     task = asyncio.create_task(outbound.mark("m2"))
-    await asyncio.sleep(0)
+    await eventually(lambda: outbound.pending_marks == 1, interval=0)
     assert outbound.mark_echoed("m2") == "played"
     assert await task == "played"
 
@@ -179,8 +178,9 @@ async def test_clear_stops_a_send_in_progress() -> None:
     """A clear during a long send drops what was not sent; the send returns early."""
     outbound, peer, time = make(lead=0.1)
     sending = asyncio.create_task(outbound.audio(b"\x06" * 8000))
-    while len(peer.payloads()) < 10:
-        await asyncio.sleep(0)
+    # Polled at every turn of the loop (interval=0): the virtual clock lets the send go on at each
+    # turn, so any real-time pause here would let it finish before the clear.
+    await eventually(lambda: len(peer.payloads()) >= 10, interval=0)
     await outbound.clear()
     await sending
     assert peer.events()[-1] == "clear"
@@ -192,7 +192,7 @@ async def test_closed_outbound_refuses_and_fails_marks() -> None:
     """After the connection closes, sends raise CallEnded and pending marks fail with it."""
     outbound, _, _ = make()
     task = asyncio.create_task(outbound.mark("m1"))
-    await asyncio.sleep(0)
+    await eventually(lambda: outbound.pending_marks == 1, interval=0)
     outbound.close()
     with pytest.raises(CallEnded):
         await task

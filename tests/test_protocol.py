@@ -101,7 +101,7 @@ def test_seed_start_gets_the_exact_ack() -> None:
     protocol = StreamProtocol()
     protocol.receive_text(SEED_START)
     assert protocol.stream is not None and protocol.stream.dialect == "seed"
-    assert protocol.stream.call_key == "MTxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+    assert protocol.stream.call_key == "stream.MTxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"  # no callSid
     assert protocol.data_to_send() == [SEED_ACK.encode()]
     assert protocol.data_to_send() == []
 

@@ -144,13 +144,14 @@ def test_track_without_audio_publishes_empty_wav(tmp_path: Path) -> None:
 
 
 def test_call_key_falls_back_to_stream_sid(tmp_path: Path) -> None:
-    """Without a callSid, the files are published under a directory named after the streamSid."""
+    """Without a callSid, the files are published under stream.<streamSid> (README, "Recordings")."""
     recorder = WavRecorder(tmp_path, "conn-1")
     recorder.open(stream_info(call_sid=None, tracks=("inbound",)), META)
     recorder.write("inbound", mulaw(16))
     files = recorder.close({}).result()
-    assert files == {"inbound": f"{STREAM}/{STREAM}.inbound.wav", "summary": f"{STREAM}/{STREAM}.json"}
-    assert wav_frames(tmp_path / STREAM / f"{STREAM}.inbound.wav") == ulaw_to_pcm16(mulaw(16))
+    key = f"stream.{STREAM}"
+    assert files == {"inbound": f"{key}/{STREAM}.inbound.wav", "summary": f"{key}/{STREAM}.json"}
+    assert wav_frames(tmp_path / key / f"{STREAM}.inbound.wav") == ulaw_to_pcm16(mulaw(16))
 
 
 def test_second_recording_of_same_stream_gets_numbered_stem(tmp_path: Path) -> None:

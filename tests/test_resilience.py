@@ -23,6 +23,8 @@ from .helpers import (
     FRAME,
     StreamingCall,
     assert_valid_wav,
+    eventually,
+    files_under,
     media,
     published,
     running_server,
@@ -37,15 +39,25 @@ from .processes import run_callsock, serve_process, wait_healthy
 async def test_sigterm_drains_then_publishes_every_call(tmp_path: Path) -> None:
     """SIGTERM during 20 calls: new upgrades get 503, then every call is published, complete."""
     record_dir = tmp_path / "rec"
-    with serve_process(record_dir, "--drain-timeout", "1") as (process, port):
-        await wait_healthy(port)
+    # The drain is the window in which an upgrade is answered 503 (after it the server is gone):
+    # 2 s, against the few milliseconds the test needs once /health says "draining".
+    with serve_process(record_dir, "--drain-timeout", "2") as (process, port):
+        await wait_healthy(port, process=process)
         url = f"ws://127.0.0.1:{port}/call"
         async with aiohttp.ClientSession() as client:
             calls = [StreamingCall(client, url, n) for n in range(20)]
             running = [asyncio.create_task(call.run()) for call in calls]
-            await asyncio.sleep(1.0)
+            # A second of audio from each call before the signal (what the check below needs).
+            await eventually(lambda: all(call.sent >= 50 for call in calls) or any(t.done() for t in running))
+            assert not any(t.done() for t in running), [call.close_code for call in calls]
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+
+            async def draining() -> bool:
+                async with client.get(f"http://127.0.0.1:{port}/health") as response:
+                    status: str = (await response.json())["status"]
+                    return status == "draining"
+
+            await eventually(draining)
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await client.ws_connect(url)
             assert refused.value.status == 503
@@ -66,12 +78,22 @@ async def test_sigterm_drains_then_publishes_every_call(tmp_path: Path) -> None:
 async def test_sigkill_then_recover(tmp_path: Path) -> None:
     """After SIGKILL, `callsock recover` publishes what each call had flushed, endReason crashed."""
     record_dir = tmp_path / "rec"
+
+    def flushed(stream_sid: str) -> int:
+        """Bytes of the call's inbound WAV that reached .partial/ on disk (0 before it exists)."""
+        paths = [p for p in files_under(record_dir / ".partial") if p.name == f"{stream_sid}.inbound.wav"]
+        return max((path.stat().st_size for path in paths), default=0)
+
     with serve_process(record_dir, "--flush-seconds", "0.2") as (process, port):
-        await wait_healthy(port)
+        await wait_healthy(port, process=process)
         async with aiohttp.ClientSession() as client:
             calls = [StreamingCall(client, f"ws://127.0.0.1:{port}/call", n) for n in range(5)]
             running = [asyncio.create_task(call.run()) for call in calls]
-            await asyncio.sleep(1.5)
+            # Killed once over a second of each call is on disk (a flush every 0.2 s puts it there).
+            await eventually(
+                lambda: all(flushed(call.stream_sid) >= 44 + 2 * 8000 for call in calls),
+                what="over 1 s of each call flushed to .partial/",
+            )
             process.kill()
             await asyncio.gather(*running, return_exceptions=True)
     assert published(record_dir) == {}
@@ -83,7 +105,7 @@ async def test_sigkill_then_recover(tmp_path: Path) -> None:
     for call in calls:
         assert summaries[call.stream_sid]["endReason"] == "crashed"
         pcm = assert_valid_wav(record_dir / call.call_sid / f"{call.stream_sid}.inbound.wav")
-        # Everything up to the last flush: a flush every 0.2 s, so over 1 s of the 1.5 s sent.
+        # Everything up to the last flush: at least the second that was on disk before the kill.
         assert len(pcm) >= 2 * 8000 and call.audio().startswith(pcm)
     status, out, _ = await run_callsock("recover", str(record_dir))
     assert status == 0 and "nothing to recover" in out
@@ -96,7 +118,7 @@ async def test_leftovers_are_reported_at_start(tmp_path: Path) -> None:
     leftover.mkdir(parents=True)
     (leftover / "MZ1.inbound.wav").write_bytes(bytes(44))
     with serve_process(record_dir) as (process, port):
-        await wait_healthy(port)
+        await wait_healthy(port, process=process)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=20)
     assert f"callsock recover {record_dir}" in output
@@ -137,12 +159,17 @@ async def test_slow_handler_does_not_slow_other_calls(record_dir: Path) -> None:
             flooding = asyncio.create_task(flood_slow_call())
             report = await run_bench(BenchConfig(url, calls=10, seconds=2.0, ramp_ms=100))
             await flooding
+            await eventually(lambda: slow_calls[0].stats.media_bytes == 200 * len(FRAME))  # all received
             dropped = slow_calls[0].stats.audio_frames_dropped
             await slow.send_str(stop(sid("MZ", 99)))
     assert report.failed == 0 and report.missing_echoes == 0
-    # Not a performance figure: a handler that blocked its neighbours would add 200 ms a frame.
-    assert report.rtt_p99_ms is not None and report.rtt_p99_ms < 150
-    assert dropped > 100  # 200 frames in 1 s against a 400 ms queue at 5 frames/s
+    # Not a performance figure (a few ms on an idle machine): a handler that blocked its
+    # neighbours would add 200 ms for each of the slow call's 200 frames, seconds in all, so a
+    # bound this generous still catches it and a busy machine never trips it.
+    assert report.rtt_p99_ms is not None and report.rtt_p99_ms < 1000
+    # 200 frames in about a second against a 400 ms queue handled at 5 frames/s: over 150 dropped
+    # (and still over 100 if sending them took ten times as long).
+    assert dropped > 100
 
 
 async def test_slow_disk_drops_audio_not_calls(record_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +187,9 @@ async def test_slow_disk_drops_audio_not_calls(record_dir: Path, monkeypatch: py
         report = await run_bench(BenchConfig(ws_url(server), calls=5, seconds=2.0, ramp_ms=50))
         assert server.service.writer.dropped_bytes > 0
     assert report.failed == 0 and report.missing_echoes == 0
-    assert report.rtt_p99_ms is not None and report.rtt_p99_ms < 150
+    # Not a performance figure: a disk write on the event loop would stall every call 50 ms per
+    # write, seconds in all over this run; a busy machine never comes near the bound.
+    assert report.rtt_p99_ms is not None and report.rtt_p99_ms < 1000
     summaries = list(published(record_dir).values())
     assert len(summaries) == 5
     for summary in summaries:

@@ -18,6 +18,13 @@ from callsock.errors import CallEnded, HandlerFailed
 from callsock.g711 import BYTES_PER_MS
 from callsock.runner import HandlerRunner, Handlers
 
+from .helpers import WAIT_SECONDS, eventually
+
+LIMIT = WAIT_SECONDS
+"""finish()'s bound on the handlers where the test does not wait for it to expire: finish()
+returns as soon as they are done, so a generous bound costs nothing and a busy machine never
+hits it."""
+
 
 class FakeCall:
     """What the runner needs of a Call: cancel_tasks(), counted."""
@@ -56,9 +63,9 @@ class Setup:
             on_failure=self.failures.append,
             log=structlog.get_logger(),
         )
-        await settle()
-        assert self._runner._idle
-        return self._runner
+        runner = self._runner
+        await eventually(lambda: runner._idle, interval=0)
+        return runner
 
     def note(self, entry: str) -> None:
         """Record ``entry`` and the task it ran in."""
@@ -82,17 +89,19 @@ def frame(n: int, ms: int = 20) -> AudioFrame:
 
 
 async def settle(turns: int = 20) -> None:
-    """Let the loop run a few turns (no timers involved)."""
+    """Let the loop run a few turns, to check that something does NOT happen.
+
+    Only for negative checks, and only where nothing waits on a timer or I/O, so what can run is
+    decided by the loop's order alone, not by the machine's speed. To wait for something to
+    happen, use :func:`eventually` (``interval=0`` polls at every turn of the loop).
+    """
     for _ in range(turns):
         await asyncio.sleep(0)
 
 
-async def until(condition: Callable[[], bool], limit: float = 2.0) -> None:
-    """Wait (polling each millisecond) until ``condition()`` holds; fail after ``limit`` seconds."""
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.001)
+def returned(s: Setup, n: int) -> Callable[[], bool]:
+    """Whether the callback delivering frame ``n`` has returned."""
+    return lambda: f"returned {n * 20}" in s.trace
 
 
 AudioHandler = Callable[[Call, AudioFrame], Awaitable[None]]
@@ -143,7 +152,7 @@ async def test_events_in_order_and_handlers_in_registration_order() -> None:
     runner.mark(echo)
     runner.start()
     runner.audio(frame(2))
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace == [
         "start1 None",
         "start2 None",
@@ -182,12 +191,12 @@ async def test_start_runs_before_audio_delivered_from_a_callback() -> None:
         s.note("returned")
 
     asyncio.get_running_loop().call_soon(start_then_audio)
-    await asyncio.sleep(0)
+    await eventually(lambda: "returned" in s.trace, interval=0)
     assert s.trace == ["returned"]
     s.deliver(frame(1))
-    await asyncio.sleep(0.02)
+    await eventually(lambda: len(s.trace) == 6)
     assert s.trace == ["returned", "start begins", "returned 20", "start ends", "audio 0", "audio 20"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
 
 
 async def test_events_after_a_finished_stop_are_ignored() -> None:
@@ -202,15 +211,16 @@ async def test_events_after_a_finished_stop_are_ignored() -> None:
     s.handlers.dtmf.append(on_other)
     s.handlers.stop.append(on_other)
     runner = await s.start_runner()
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace == ["other"]
     s.deliver(frame(0))
     runner.audio(frame(1))
     runner.dtmf("1")
     runner.start()
     runner.stop()
-    await runner.finish(1.0)
-    await settle()
+    await runner.finish(LIMIT)
+    await eventually(returned(s, 0))
+    await settle()  # and nothing more
     assert s.trace == ["other", "returned 0"]
     assert s.failures == []
 
@@ -224,14 +234,14 @@ async def test_eager_handlers_run_inside_the_callback_as_the_runner_task() -> No
     s.handlers.audio += [audio_recorder(s, "a1"), audio_recorder(s, "a2")]
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await asyncio.sleep(0)
+    await eventually(returned(s, 0), interval=0)
     assert s.trace == ["a1 0", "a2 0", "returned 0"]
     assert s.tasks == [runner._task, runner._task, None]  # the task is left again after the call
     s.deliver(frame(1))
     s.deliver(frame(2))
-    await asyncio.sleep(0)
+    await eventually(returned(s, 2), interval=0)
     assert s.trace[3:] == ["a1 20", "a2 20", "returned 20", "a1 40", "a2 40", "returned 40"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.failures == []
 
 
@@ -243,10 +253,10 @@ async def test_audio_from_a_task_is_queued_for_the_runner_task() -> None:
     runner.audio(frame(0))
     assert s.trace == []
     assert asyncio.current_task() is not runner._task
-    await settle()
+    await eventually(lambda: len(s.trace) == 2)
     assert s.trace == ["a1 0", "a2 0"]
     assert s.tasks == [runner._task, runner._task]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
 
 
 async def test_eager_handler_suspended_on_a_lock() -> None:
@@ -265,11 +275,12 @@ async def test_eager_handler_suspended_on_a_lock() -> None:
     await lock.acquire()
     s.deliver(frame(0))
     s.deliver(frame(1))
-    await settle()
+    await eventually(returned(s, 1))
+    await settle()  # and the handler stays suspended
     assert s.trace == ["wait 0", "returned 0", "returned 20"]
     assert s.tasks == [runner._task, None, None]
     lock.release()
-    await settle()
+    await eventually(lambda: len(s.trace) == 10)
     assert s.trace[3:] == [
         "locked 0",
         "unlocked 0",
@@ -281,7 +292,7 @@ async def test_eager_handler_suspended_on_a_lock() -> None:
     ]
     assert set(s.tasks[3:]) == {runner._task}
     assert not lock.locked()
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.failures == []
 
 
@@ -298,13 +309,14 @@ async def test_eager_handler_resumed_with_a_future_result() -> None:
     s.handlers.audio += [waits, audio_recorder(s, "after")]
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await settle()
+    await eventually(returned(s, 0))
+    await settle()  # and the handler stays suspended
     assert s.trace == ["before", "returned 0"]
     future.set_result(42)
-    await settle()
+    await eventually(lambda: len(s.trace) == 4)
     assert s.trace == ["before", "returned 0", "got 42", "after 0"]
     assert s.tasks[2:] == [runner._task, runner._task]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.failures == [] and not runner.failed
 
 
@@ -322,11 +334,11 @@ async def test_eager_handler_resumed_with_a_future_exception() -> None:
     s.handlers.audio += [waits, audio_recorder(s, "after")]
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await settle()
+    await eventually(returned(s, 0))
     future.set_exception(KeyError("gone"))
-    await settle()
+    await eventually(lambda: len(s.trace) == 3)
     assert s.trace == ["returned 0", "caught KeyError('gone')", "after 0"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.failures == [] and not runner.failed
 
 
@@ -345,13 +357,13 @@ async def test_eager_handler_resumed_after_sleep() -> None:
     s.handlers.audio += [sleeps, audio_recorder(s, "after")]
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await settle()
-    assert s.trace == ["returned 0"]
-    await asyncio.sleep(0.03)
+    await eventually(lambda: len(s.trace) == 3)
     assert s.trace == ["returned 0", "woke", "after 0"]
+    # Not a timing figure: a timer never fires before its delay, so this holds on any machine
+    # (and the callback returned before the handler woke: "returned 0" comes first).
     assert slept[0] >= 0.009
     assert s.tasks[1:] == [runner._task, runner._task]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
 
 
 async def test_eager_handler_resumed_through_several_waits() -> None:
@@ -371,10 +383,10 @@ async def test_eager_handler_resumed_through_several_waits() -> None:
     s.handlers.audio += [many, audio_recorder(s, "after")]
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await until(lambda: len(s.trace) == 5)
+    await eventually(lambda: len(s.trace) == 5)
     assert s.trace == ["returned 0", "yielded", "ready", "slept", "after 0"]
     assert set(s.tasks[1:]) == {runner._task}
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
 
 
 async def test_order_kept_behind_a_suspended_handler() -> None:
@@ -396,13 +408,14 @@ async def test_order_kept_behind_a_suspended_handler() -> None:
     runner = await s.start_runner()
     s.deliver(frame(0))
     s.deliver(frame(1))
-    await settle()
+    await eventually(returned(s, 1))
     runner.dtmf("7")
     s.deliver(frame(2))
-    await settle()
+    await eventually(returned(s, 2))
+    await settle()  # and the handler stays suspended
     assert s.trace == ["first 0", "returned 0", "returned 20", "returned 40"]
     future.set_result(None)
-    await settle()
+    await eventually(lambda: len(s.trace) == 14)
     assert s.trace[4:] == [
         "first 0 resumed",
         "second 0",
@@ -417,9 +430,9 @@ async def test_order_kept_behind_a_suspended_handler() -> None:
     ]
     # idle again: the next frame is eager once more
     s.deliver(frame(3))
-    await asyncio.sleep(0)
+    await eventually(returned(s, 3), interval=0)
     assert s.trace[-4:] == ["first 60", "second 60", "third 60", "returned 60"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
 
 
 # asyncio.timeout inside an eager handler
@@ -430,7 +443,7 @@ async def test_eager_timeout_that_does_not_expire() -> None:
     s = Setup()
 
     async def timed(call: Call, f: AudioFrame) -> None:
-        async with asyncio.timeout(1.0):
+        async with asyncio.timeout(WAIT_SECONDS):  # never reached, even on a busy machine
             s.note("inside")
             if f.timestamp_ms == 20:
                 await asyncio.sleep(0.001)
@@ -439,12 +452,12 @@ async def test_eager_timeout_that_does_not_expire() -> None:
     s.handlers.audio += [timed, audio_recorder(s, "after")]
     runner = await s.start_runner()
     s.deliver(frame(0))  # completes without waiting
-    await asyncio.sleep(0)
+    await eventually(returned(s, 0), interval=0)
     s.deliver(frame(1))  # waits inside the timeout
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(s.trace) == 8)
     assert s.trace == ["inside", "done", "after 0", "returned 0", "inside", "returned 20", "done", "after 20"]
     assert runner._task.cancelling() == 0
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.failures == []
     assert not runner._task.cancelled()
 
@@ -471,13 +484,13 @@ async def test_eager_timeout_that_expires_while_waiting() -> None:
     s.handlers.stop.append(on_stop)
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await asyncio.sleep(0.03)
+    await eventually(lambda: len(s.trace) == 4)
     assert s.trace == ["waiting 0", "returned 0", "timed out 0", "after 0"]
     assert runner._task.cancelling() == 0
     s.deliver(frame(1))
-    await asyncio.sleep(0.03)
+    await eventually(lambda: len(s.trace) == 8)
     assert s.trace[4:] == ["waiting 20", "returned 20", "timed out 20", "after 20"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace[-1] == "stop"
     assert s.failures == []
     assert [never.cancelled() for never in waited] == [True, True]
@@ -501,10 +514,10 @@ async def test_eager_timeout_already_expired_at_the_first_wait() -> None:
     s.handlers.stop.append(on_stop)
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: len(s.trace) == 3 or runner._task.done())
     assert not runner._task.done(), "the runner's task was cancelled by the handler's timeout"
     assert s.trace == ["returned 0", "timed out", "after 0"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace[-1] == "stop"
 
 
@@ -527,11 +540,12 @@ async def test_eager_handler_raises() -> None:
     runner = await s.start_runner()
     with capture_logs() as logs:
         s.deliver(frame(0))
-        await asyncio.sleep(0)
+        await eventually(returned(s, 0), interval=0)
         assert runner.failed
         s.deliver(frame(1))
         runner.audio(frame(2))
-        await settle()
+        await eventually(returned(s, 1))
+        await settle()  # and nothing runs for them
     assert s.trace == ["before 0", "broken 0", "returned 0", "returned 20"]
     assert len(s.failures) == 1
     failure = s.failures[0]
@@ -540,7 +554,7 @@ async def test_eager_handler_raises() -> None:
     assert failure.handler.endswith("broken")
     errors = [entry for entry in logs if entry["log_level"] == "error"]
     assert len(errors) == 1 and isinstance(errors[0]["exc_info"], ValueError)
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace[-1] == "stop"
     assert len(s.failures) == 1
 
@@ -566,7 +580,7 @@ async def test_queued_handler_raises() -> None:
     runner.audio(frame(0))
     runner.audio(frame(1))
     runner.dtmf("3")
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace == ["stop"]
     assert [f.rule for f in s.failures] == ["handler"]
     assert runner.failed
@@ -591,14 +605,14 @@ async def test_handler_raises_in_its_resumed_part() -> None:
     runner = await s.start_runner()
     s.deliver(frame(0))
     s.deliver(frame(1))
-    await settle()
+    await eventually(returned(s, 1))
+    await settle()  # and the handler stays suspended
     assert not runner.failed
     future.set_result(None)
-    await settle()
-    assert runner.failed
+    await eventually(lambda: runner.failed)
     s.deliver(frame(2))
-    await settle()
-    await runner.finish(1.0)
+    await eventually(returned(s, 2))
+    await runner.finish(LIMIT)
     assert s.trace == ["started", "returned 0", "returned 20", "resumed", "returned 40", "stop"]
     assert len(s.failures) == 1 and s.failures[0].rule == "handler"
     assert s.failures[0].handler.endswith("broken_later")
@@ -619,11 +633,10 @@ async def test_start_handler_raises() -> None:
     s.handlers.stop.append(on_stop)
     runner = await s.start_runner()
     runner.start()
-    await settle()
-    assert runner.failed
+    await eventually(lambda: runner.failed)
     s.deliver(frame(0))
-    await settle()
-    await runner.finish(1.0)
+    await eventually(returned(s, 0))
+    await runner.finish(LIMIT)
     assert s.trace == ["returned 0", "stop"]
     assert len(s.failures) == 1
 
@@ -650,8 +663,8 @@ async def test_eager_handler_yielding_a_non_future_fails() -> None:
     s.handlers.audio += [bad, audio_recorder(s, "after")]
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await settle()
-    await runner.finish(1.0)
+    await eventually(lambda: caught)
+    await runner.finish(LIMIT)
     assert len(caught) == 1
     assert runner.failed and len(s.failures) == 1
     assert s.trace == ["returned 0"]
@@ -681,8 +694,8 @@ async def test_call_ended_is_not_a_failure(where: str) -> None:
     else:
         s.deliver(frame(0))
         s.deliver(frame(1))
-    await settle()
-    await runner.finish(1.0)
+        await eventually(returned(s, 1))  # delivered before finish() stops the runner
+    await runner.finish(LIMIT)
     assert s.failures == []
     assert not runner.failed
     assert [entry for entry in s.trace if not entry.startswith("returned")] == [
@@ -709,23 +722,25 @@ async def test_oldest_audio_dropped_past_the_bound() -> None:
     runner = await s.start_runner()
     with capture_logs() as logs:
         s.deliver(frame(0))  # eager, then busy sleeping
-        await asyncio.sleep(0)
+        # Polled at every turn: the frames below are queued in the same turn as the delivery ran,
+        # before any timer can end the handler's sleep, so it is still busy however slow the machine.
+        await eventually(returned(s, 0), interval=0)
         for n in range(1, 21):
             runner.audio(frame(n))
         assert runner.dropped_frames == 15
-        await until(lambda: len(handled) == 6 and runner._idle)
+        await eventually(lambda: len(handled) == 6 and runner._idle)
     assert handled == [0, 16, 17, 18, 19, 20]
     warnings = [entry for entry in logs if entry["log_level"] == "warning"]
     assert len(warnings) == 1 and warnings[0]["maxQueuedMs"] == 100
     # the queued duration was accounted back: five more frames fit without a drop
     s.deliver(frame(21))
-    await asyncio.sleep(0)
+    await eventually(returned(s, 21), interval=0)
     for n in range(22, 27):
         runner.audio(frame(n))
-    await until(lambda: len(handled) == 12)
+    await eventually(lambda: len(handled) == 12)
     assert runner.dropped_frames == 15
     assert handled[6:] == [21, 22, 23, 24, 25, 26]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
 
 
 async def test_bound_counts_duration_not_frames() -> None:
@@ -742,7 +757,7 @@ async def test_bound_counts_duration_not_frames() -> None:
     for n in range(5):
         runner.audio(frame(n, ms=50))
     assert runner.dropped_frames == 3
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert handled == [3, 4]
 
 
@@ -766,7 +781,7 @@ async def test_other_events_are_never_dropped() -> None:
         runner.dtmf(str(n))
     runner.mark(MarkEcho("m", "cleared"))
     runner.audio(frame(10))
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert runner.dropped_frames == 9
     assert s.trace == [
         "event None",
@@ -798,13 +813,13 @@ async def test_finish_waits_for_the_queue_and_on_stop() -> None:
     s.handlers.stop.append(on_stop)
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await asyncio.sleep(0)
+    await eventually(returned(s, 0), interval=0)
     runner.audio(frame(1))
     runner.audio(frame(2))
-    started = time.monotonic()
-    await runner.finish(1.0)
-    assert time.monotonic() - started < 0.9
+    with capture_logs() as logs:
+        await runner.finish(LIMIT)
     assert s.trace == ["returned 0", "audio 0", "audio 20", "audio 40", "stop"]
+    assert logs == []  # not "handlers still busy ...; cancelled"
     assert runner._task.done() and not runner._task.cancelled()
     assert s.call.cancel_calls == 1
 
@@ -834,12 +849,12 @@ async def test_finish_cancels_a_stuck_handler(eager: bool) -> None:
         s.deliver(frame(0))
     else:
         runner.audio(frame(0))
-    await settle()
-    assert "stuck" in s.trace
+    await eventually(lambda: "stuck" in s.trace)
     started = time.monotonic()
     await runner.finish(0.2)
-    elapsed = time.monotonic() - started
-    assert 0.19 <= elapsed < 0.6
+    # Not a timing figure: the limit's timer never fires early, so this holds on any machine; no
+    # upper bound, since a busy machine only makes it later.
+    assert time.monotonic() - started >= 0.19
     assert s.call.cancel_calls == 1
     with contextlib.suppress(asyncio.CancelledError):
         await runner._task
@@ -893,10 +908,10 @@ async def _timeout_expiring_before_resumption() -> None:
     s.handlers.stop.append(on_stop)
     runner = await s.start_runner()
     s.deliver(frame(0))
-    await asyncio.sleep(0.02)
+    await eventually(lambda: "timed out" in s.trace or runner._task.done())
     assert not runner._task.done(), "the runner's task was cancelled by the handler's timeout"
     assert s.trace == ["returned 0", "timed out"]
-    await runner.finish(1.0)
+    await runner.finish(LIMIT)
     assert s.trace[-1] == "stop"
 
 

@@ -21,6 +21,8 @@ from .helpers import (
     connected,
     decoded,
     dtmf,
+    eventually,
+    files_under,
     frames,
     http_url,
     mark,
@@ -59,6 +61,13 @@ async def metrics_text(client: aiohttp.ClientSession, server: CallServer) -> str
         return await response.text()
 
 
+async def calls_with_messages(client: aiohttp.ClientSession, server: CallServer, messages: int) -> bool:
+    """Whether ``GET /calls`` shows one call that has processed ``messages`` messages."""
+    async with client.get(http_url(server, "/calls")) as response:
+        calls = await response.json()
+    return len(calls) == 1 and calls[0]["messages"] == messages
+
+
 async def test_twilio_call_recorded_exactly(
     server: CallServer, client: aiohttp.ClientSession, record_dir: Path
 ) -> None:
@@ -93,7 +102,7 @@ async def test_twilio_call_recorded_exactly(
         "inbound": f"{call_sid}/{stream_sid}.inbound.wav",
         "summary": f"{call_sid}/{stream_sid}.json",
     }
-    assert not list((record_dir / ".partial").rglob("*.*"))
+    assert files_under(record_dir / ".partial") == []
 
 
 async def test_seed_call_acknowledged_and_recorded(
@@ -112,8 +121,9 @@ async def test_seed_call_acknowledged_and_recorded(
         await send_call(ws, stream_sid, sent)
         await ws.send_str(json.dumps({"event": "stop", "streamSid": stream_sid}))
         assert (await receive_close(ws))[0] == 1000
-    assert read_wav(record_dir / stream_sid / f"{stream_sid}.inbound.wav") == decoded(sent)
-    summary = recording(record_dir, stream_sid, stream_sid)
+    call_key = f"stream.{stream_sid}"  # no callSid (README, "Recordings")
+    assert read_wav(record_dir / call_key / f"{stream_sid}.inbound.wav") == decoded(sent)
+    summary = recording(record_dir, call_key, stream_sid)
     assert (summary["dialect"], summary["callSid"], summary["endReason"]) == ("seed", None, "stop")
 
 
@@ -180,15 +190,9 @@ async def test_dropped_connection_is_finalized(
         await ws.send_str(twilio_start(stream_sid))
         await send_call(ws, stream_sid, sent)
     summary_path = record_dir / ("CA" + stream_sid[2:]) / f"{stream_sid}.json"
-    await wait_for_file(summary_path)
+    await eventually(summary_path.exists, what=f"{summary_path} published")  # the client did not wait
     assert json.loads(summary_path.read_text())["endReason"] == "closed"
     assert read_wav(summary_path.with_name(f"{stream_sid}.inbound.wav")) == decoded(sent)
-
-
-async def wait_for_file(path: Path) -> None:
-    async with asyncio.timeout(5):
-        while not path.exists():
-            await asyncio.sleep(0.01)
 
 
 BAD_INPUTS = [
@@ -212,7 +216,7 @@ async def test_bad_first_message_closes_with_code(
     rejected = [line for line in logs if line["event"] == "message rejected"]
     assert len(rejected) == 1 and rejected[0]["rule"] == rule
     assert f'callsock_errors_total{{rule="{rule}"}} 1.0' in await metrics_text(client, server)
-    assert server.connections == {}
+    await eventually(lambda: server.connections == {})  # forgotten once the closing handshake is done
 
 
 STREAMING_BAD = [
@@ -363,7 +367,7 @@ async def test_health_calls_and_metrics(server: CallServer, client: aiohttp.Clie
         await ws.send_str(twilio_start(stream_sid, call_sid))
         await send_call(ws, stream_sid, audio(40, seconds=0.1))
         await ws.send_str(mark(stream_sid, "x"))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: calls_with_messages(client, server, 7))  # start, 5 media, mark
         async with client.get(http_url(server, "/health")) as response:
             health = await response.json()
         assert health["status"] == "ok" and health["activeCalls"] == 1 and health["uptimeSeconds"] >= 0
@@ -425,7 +429,7 @@ async def test_shutdown_closes_1001_and_publishes(client: aiohttp.ClientSession,
     async with client.ws_connect(ws_url(srv)) as ws:
         await ws.send_str(twilio_start(stream_sid))
         await send_call(ws, stream_sid, sent)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: calls_with_messages(client, srv, 1 + len(frames(sent))))  # all received
         stopping = asyncio.create_task(srv.stop())
         code, _ = await receive_close(ws)
         await stopping

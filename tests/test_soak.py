@@ -259,6 +259,22 @@ async def settled(served: Served, calls_done: int, baseline: Sample | None) -> S
         await asyncio.sleep(0.1)
 
 
+async def resting(served: Served, calls_done: int, baseline: Sample | None) -> Sample:
+    """Sample, as settled() does, until three samples in a row agree (or time is up).
+
+    The baseline cannot wait for a known count of tasks and descriptors: it is what sets it. So
+    it waits for them to hold still instead, rather than for a fixed time after the last call.
+    """
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    recent: list[tuple[int, int, int, int]] = []
+    while True:
+        now = await settled(served, calls_done, baseline)
+        recent = [*recent[-2:], (now.tasks, now.fds, now.connections, now.active_calls)]
+        if (len(recent) == 3 and len(set(recent)) == 1) or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.1)
+
+
 # --- a lean Twilio-side client: raw WebSocket frames over asyncio streams -----------------------
 
 
@@ -469,8 +485,8 @@ async def test_soak(served: Served) -> None:
 
     # Warm-up: imports, the disk writer thread, allocator pools; then the baseline.
     placed = [await place_call(served.port, index) for index in range(WARMUP_CALLS)]
-    await asyncio.sleep(1.0)  # the last call's on_stop and request task end: they are no baseline
-    baseline = await settled(served, 0, None)
+    # The last call's on_stop and request task end just after its close: they are no baseline.
+    baseline = await resting(served, 0, None)
     assert baseline.connections == 0 and baseline.active_calls == 0, baseline
 
     # Phase 1: sequential short calls, sampled every tenth of the way.
@@ -517,10 +533,8 @@ async def test_soak(served: Served) -> None:
     figures.phase2_report = bench.to_dict()
     figures.phase2_rss_mib = phase2_rss
 
-    # Afterwards: every call closed; give the server a couple of seconds to return to rest.
-    await settled(served, sequential_calls, baseline)
-    await asyncio.sleep(2.0)
-    final = await settled(served, sequential_calls, baseline)
+    # Afterwards: every call closed; wait for the server to return to rest.
+    final = await resting(served, sequential_calls, baseline)
     figures.rss_baseline_mib = round(baseline.rss_mib, 2)
     figures.rss_peak_mib = round(final.hwm_kib / 1024, 2)
     figures.rss_final_mib = round(final.rss_mib, 2)

@@ -16,6 +16,7 @@ import pytest
 from callsock import App, Call, MarkEcho
 from callsock.audio import load_wav, pcm_to_mulaw
 from callsock.bench import BenchConfig, client_frame, run_bench
+from callsock.cli import main
 from callsock.simulate import SimulationConfig, simulate, write_reply
 
 from .helpers import read_wav, running_server, ws_url
@@ -63,27 +64,60 @@ async def test_simulate_echo_call(tmp_path: Path, record_dir: Path) -> None:
 
 
 async def test_simulate_seed_dialect_checks_the_ack(tmp_path: Path, record_dir: Path) -> None:
-    """In the seed dialect the simulator expects the exact acknowledgement, and gets it."""
+    """In the seed dialect the simulator expects the exact acknowledgement, and gets it.
+
+    Its --param values reach the recording too (the seed start carries them when given).
+    """
     wav = tone_wav(tmp_path / "hello.wav", seconds=0.1)
     async with running_server(record_dir) as server:
-        report = await simulate(SimulationConfig(ws_url(server), wav, dialect="seed", quiet_seconds=0.1))
+        report = await simulate(
+            SimulationConfig(
+                ws_url(server), wav, dialect="seed", parameters={"tenant": "acme"}, quiet_seconds=0.1
+            )
+        )
     assert report.ack_received and report.ack_exact and report.ok
+    summary = json.loads(
+        (record_dir / f"stream.{report.stream_sid}" / f"{report.stream_sid}.json").read_text()
+    )
+    assert summary["dialect"] == "seed" and summary["customParameters"] == {"tenant": "acme"}
     async with running_server(record_dir, start_ack="never") as server:
         report = await simulate(SimulationConfig(ws_url(server), wav, dialect="seed", quiet_seconds=0.1))
     assert not report.ack_received and not report.ok
 
 
 async def test_simulate_fork_both_tracks(tmp_path: Path, record_dir: Path) -> None:
-    """--fork --track both sends the audio on two tracks; the server records both, sends nothing."""
+    """--fork --track both sends the audio on two tracks, and counts both; the server records both."""
     wav = tone_wav(tmp_path / "hello.wav", seconds=0.2)
+    frames = len(sent_audio(wav)) // 160
     async with running_server(record_dir) as server:
         report = await simulate(
             SimulationConfig(ws_url(server), wav, fork=True, track="both", quiet_seconds=0.1)
         )
     assert report.ok and report.media_received == 0
+    assert report.frames_by_track == {"inbound": frames, "outbound": frames}
+    assert report.frames_sent == 2 * frames
+    summary = json.loads((record_dir / report.call_sid / f"{report.stream_sid}.json").read_text())
+    assert summary["counters"]["messages"]["media"] == report.frames_sent
     for track in ("inbound", "outbound"):
         pcm = read_wav(record_dir / report.call_sid / f"{report.stream_sid}.{track}.wav")
         assert pcm.startswith(read_wav_bytes(sent_audio(wav)))
+
+
+async def test_cli_simulate_reports_both_tracks(tmp_path: Path, record_dir: Path) -> None:
+    """`callsock simulate --fork --track both`: the JSON report and the table count both tracks."""
+    wav = tone_wav(tmp_path / "hello.wav", seconds=0.1)
+    frames = len(sent_audio(wav)) // 160
+    async with running_server(record_dir) as server:
+        args = ("simulate", ws_url(server), "--audio", str(wav), "--fork", "--track", "both")
+        as_json, as_table = await asyncio.gather(
+            asyncio.to_thread(run_cli, *args, "--json"), asyncio.to_thread(run_cli, *args)
+        )
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert report["frames_sent"] == 2 * frames
+    assert report["frames_by_track"] == {"inbound": frames, "outbound": frames}
+    assert as_table.returncode == 0, as_table.stderr
+    assert f"{2 * frames} frames ({frames} inbound, {frames} outbound)" in as_table.stdout
 
 
 def read_wav_bytes(mulaw: bytes) -> bytes:
@@ -201,12 +235,18 @@ async def test_cli_simulate_and_bench(tmp_path: Path, record_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--dtmf", "12x"), "--dtmf takes"),
-        (("--param", "novalue"), "--param takes KEY=VALUE"),
+        (("--dtmf", "12x"), "--dtmf takes 0-9, *, #, A-D, got '12x'"),
+        (("--param", "novalue"), "--param takes KEY=VALUE, got 'novalue'"),
+        (
+            ("--track", "both"),
+            "--track both needs --fork: a bidirectional stream carries only the inbound track",
+        ),
     ],
 )
-def test_cli_simulate_bad_options(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
-    """Bad options exit 2 with a message naming the option."""
+def test_cli_simulate_bad_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], message: str
+) -> None:
+    """Bad options exit 2 with one line naming the option (in-process: nothing is dialled)."""
     wav = tone_wav(tmp_path / "hello.wav", seconds=0.1)
-    result = run_cli("simulate", "ws://127.0.0.1:9/call", "--audio", str(wav), *args)
-    assert result.returncode == 2 and message in result.stderr
+    assert main(["simulate", "ws://127.0.0.1:9/call", "--audio", str(wav), *args]) == 2
+    assert capsys.readouterr().err == f"callsock simulate: error: {message}\n"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from callsock.verify import Check, VerifyConfig, verify
+from callsock.verify import VERIFY_PARAMETER, Check, VerifyConfig, verify
 
-from .helpers import running_server
+from .helpers import published, running_server
 
 TOKEN = "secret-token"
 
@@ -49,6 +49,23 @@ async def test_all_pass_on_a_good_deployment(record_dir: Path) -> None:
         checks = await verify(VerifyConfig(f"http://127.0.0.1:{server.port}"))
     assert results(checks) == {1: True, 2: True, 3: True, 4: True, 5: True, 6: True, 7: None}, checks
     assert "wss://127.0.0.1" in checks[0].detail
+
+
+async def test_verify_calls_are_marked_in_their_recordings(record_dir: Path) -> None:
+    """Every call verify places carries customParameters callsockVerify=1, which its recording keeps."""
+    async with running_server(record_dir) as server:
+        checks = await verify(VerifyConfig(f"http://127.0.0.1:{server.port}"))
+    assert all(check.passed is not False for check in checks), checks
+    summaries = published(record_dir)  # complete: the server has stopped, every recording is written
+    # The Twilio-shaped call, the seed acknowledgement's call, and both connections of the replacement.
+    assert sorted((s["dialect"], s["endReason"]) for s in summaries.values()) == [
+        ("seed", "closed"),
+        ("twilio", "replaced"),
+        ("twilio", "stop"),
+        ("twilio", "stop"),
+    ]
+    for summary in summaries.values():
+        assert summary["customParameters"] == {"callsockVerify": "1"} == VERIFY_PARAMETER
 
 
 async def test_all_pass_with_signatures(record_dir: Path) -> None:

@@ -26,6 +26,7 @@ from .protocol import StreamInfo, StreamProtocol
 from .server import CallServer
 from .session import CallSession
 from .settings import Settings
+from .tokens import stream_token
 
 __version__ = "0.1.0"
 
@@ -54,4 +55,5 @@ __all__ = [
     "UnsupportedData",
     "UsageError",
     "__version__",
+    "stream_token",
 ]

@@ -20,8 +20,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from .connection import Connection
 from .errors import CallEnded, ConfigurationError, ServerBusy
+from .logs import configure_logging
 from .service import CallService
 from .settings import Settings
 
@@ -113,7 +116,9 @@ class ASGIAdapter:
     Args:
         app: the handlers to run for each call.
         settings: recording, limits and the rest; ``host``, ``port`` and ``path`` are the host
-            application's business and are ignored.
+            application's business and are ignored. Logging follows ``log_level`` and
+            ``log_format`` as under ``callsock serve`` (JSON when standard output is not a
+            terminal), unless the host application configured structlog itself.
 
     Raises:
         ConfigurationError: ``settings.redis_url`` is set; clustering needs ``callsock serve``.
@@ -126,7 +131,10 @@ class ASGIAdapter:
             raise ConfigurationError(
                 "the ASGI adapter does not join a cluster: use callsock serve --redis-url"
             )
+        if not structlog.is_configured():  # the host application's own configuration wins
+            configure_logging(settings.log_level, settings.log_format)
         self.service = CallService(settings, app)
+        self.service.warn_if_unsigned()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI connection: a WebSocket stream, an HTTP request, or lifespan events."""

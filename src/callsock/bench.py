@@ -54,6 +54,7 @@ class BenchConfig:
         window: frames in flight per call in flood mode.
         headers: extra headers on each upgrade (an ``X-Twilio-Signature``, say).
         grace: seconds to wait for the last echoes after sending stops.
+        auth_token: give each ``start`` its call's stream token, as Twilio does with callsock's TwiML.
     """
 
     url: str
@@ -64,6 +65,7 @@ class BenchConfig:
     window: int = 32
     headers: dict[str, str] = field(default_factory=dict)
     grace: float = 1.0
+    auth_token: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -134,7 +136,7 @@ class _Call(WSListener):
     def __init__(self, bench: _Bench) -> None:
         super().__init__()
         self.bench = bench
-        self.caller = Caller()
+        self.caller = Caller(auth_token=bench.config.auth_token)
         self.transport: WSTransport | None = None
         self.write: Callable[[bytes], None] | None = None
         self.in_flight: deque[tuple[float, int]] = deque()

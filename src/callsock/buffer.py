@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from .g711 import BYTES_PER_MS, MULAW_SILENCE
+from .g711 import BYTES_PER_MS, MULAW_SILENCE, SAMPLE_RATE
 
 __all__ = ["AudioBuffer", "Deliver"]
 
@@ -51,7 +51,11 @@ class AudioBuffer:
             clamped, which bounds what a single message can make the server write.
         flush_after: also flush once the oldest buffered audio is this many seconds old, so a
             crash loses at most that much (``None``: only when full).
-        clock: the monotonic clock ``flush_after`` is measured on.
+        max_ahead: how many seconds a track may run ahead of the time since the buffer was made
+            (``None``: no limit). Audio past that is dropped and counted (:attr:`ahead_bytes`):
+            however its timestamps jump, a stream cannot make the server keep or write more
+            audio than the call has lasted.
+        clock: the monotonic clock ``flush_after`` and ``max_ahead`` are measured on.
     """
 
     def __init__(
@@ -62,12 +66,17 @@ class AudioBuffer:
         *,
         max_gap_ms: int = 60_000,
         flush_after: float | None = None,
+        max_ahead: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least one byte")
         self._flush_after = flush_after
         self._clock = clock
+        self._started = clock()
+        self._max_ahead = None if max_ahead is None else round(max_ahead * SAMPLE_RATE)
+        self._horizon = self._max_ahead if self._max_ahead is not None else 1 << 62
+        self.ahead_bytes = 0
         self._oldest = 0.0
         self.capacity = capacity
         self.size = 0
@@ -94,15 +103,40 @@ class AudioBuffer:
     def add_at(self, track: str, offset: int | None, data: bytes) -> None:
         """Add a chunk of ``track`` that starts ``offset`` samples into the stream (``None``: next)."""
         state = self._tracks[track]
-        if offset is not None:
-            gap = offset - state.skipped - state.position
-            if gap > 0:
-                if gap > self._max_gap:
-                    state.skipped += gap - self._max_gap
-                    gap = self._max_gap
-                    self.clamped_gaps += 1
-                self.add_silence(track, gap)
+        gap = 0 if offset is None else offset - state.skipped - state.position
+        if gap > self._max_gap:
+            state.skipped += gap - self._max_gap
+            gap = self._max_gap
+            self.clamped_gaps += 1
+        end = state.position + len(data) + (gap if gap > 0 else 0)
+        if end > self._horizon:
+            fitted = self._fit(state, gap, data)
+            if fitted is None:
+                return
+            gap = fitted
+        if gap > 0:
+            self.add_silence(track, gap)
         self._append(state, data)
+
+    def _fit(self, state: _Track, gap: int, data: bytes) -> int | None:
+        """The gap that puts ``data`` before the horizon (read again from the clock), or ``None``.
+
+        A gap that would cross the horizon shrinks (the timeline skips the rest, as for a clamped
+        jump); audio that still cannot fit is dropped and its place skipped too, so the next
+        chunk is read relative to what was kept.
+        """
+        assert self._max_ahead is not None
+        self._horizon = round((self._clock() - self._started) * SAMPLE_RATE) + self._max_ahead
+        room = self._horizon - state.position - len(data)
+        if gap > 0 and gap > room:
+            cut = gap - max(room, 0)
+            state.skipped += cut
+            gap -= cut
+        if room >= 0:
+            return gap
+        state.skipped += len(data)
+        self.ahead_bytes += len(data)
+        return None
 
     def add_silence(self, track: str, count: int) -> None:
         """Append ``count`` bytes of mu-law silence to ``track``."""

@@ -12,6 +12,7 @@ from .errors import CallEnded, OneWayStream
 from .g711 import BYTES_PER_MS, SAMPLE_RATE
 from .outbound import MarkOutcome, Outbound
 from .protocol import StreamInfo
+from .schema import MAX_MARK_CHARS
 from .session import CallSession, EndReason
 
 __all__ = ["AudioFrame", "Call", "CallStats", "MarkEcho"]
@@ -191,7 +192,13 @@ class Call:
         return task
 
     async def mark(self, name: str) -> MarkOutcome:
-        """Send a mark after the audio sent so far; return ``played`` or ``cleared`` once Twilio echoes it."""
+        """Send a mark after the audio sent so far; return ``played`` or ``cleared`` once Twilio echoes it.
+
+        Raises:
+            ValueError: ``name`` is longer than ``MAX_MARK_CHARS`` (256): its echo would be refused.
+        """
+        if len(name) > MAX_MARK_CHARS:
+            raise ValueError(f"a mark name may have at most {MAX_MARK_CHARS} characters")
         self._check_bidirectional()
         return await self._outbound.mark(name)
 

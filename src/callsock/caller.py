@@ -15,6 +15,7 @@ import msgspec
 
 from .protocol import MULAW
 from .schema import (
+    STREAM_TOKEN_PARAMETER,
     Connected,
     Dtmf,
     DtmfBody,
@@ -27,6 +28,7 @@ from .schema import (
     Stop,
     StopBody,
 )
+from .tokens import stream_token
 
 __all__ = ["Caller", "Dialect", "new_sid"]
 
@@ -51,6 +53,8 @@ class Caller:
         dialect: ``twilio`` (tracks as strings, mediaFormat) or ``seed`` (track objects).
         tracks: the tracks the stream announces.
         parameters: the ``customParameters`` of ``start``.
+        auth_token: with one, ``start`` carries the call's stream token (:mod:`callsock.tokens`),
+            as Twilio passes on the ``<Parameter>`` callsock's TwiML gives it.
     """
 
     stream_sid: str = field(default_factory=lambda: new_sid("MZ"))
@@ -59,6 +63,7 @@ class Caller:
     dialect: Dialect = "twilio"
     tracks: tuple[str, ...] = ("inbound",)
     parameters: dict[str, str] = field(default_factory=dict)
+    auth_token: str | None = field(default=None, repr=False)
     sequence: int = 0
     chunks: int = 0
     clocks: dict[str, int] = field(default_factory=dict)
@@ -68,17 +73,22 @@ class Caller:
         return _ENCODER.encode(Connected(protocol="Call", version="1.0.0"))
 
     def start(self) -> bytes:
-        """The ``start`` message, in this caller's dialect."""
+        """The ``start`` message, in this caller's dialect, with :attr:`parameters` (if any)."""
         if self.dialect == "seed":
             tracks: tuple[str | SeedTrack, ...] = tuple(SeedTrack(t, MULAW, 8000, 1) for t in self.tracks)
-            return _ENCODER.encode(Start(stream_sid=self.stream_sid, start=StartBody(tracks=tracks)))
+            # The seed dialect names no customParameters; they go in only when there are some.
+            seed = StartBody(tracks=tracks, custom_parameters=self.parameters)
+            return _ENCODER.encode(Start(stream_sid=self.stream_sid, start=seed))
+        parameters = dict(self.parameters)
+        if self.auth_token:
+            parameters[STREAM_TOKEN_PARAMETER] = stream_token(self.auth_token, self.call_sid)
         body = StartBody(
             tracks=self.tracks,
             stream_sid=self.stream_sid,
             account_sid=self.account_sid,
             call_sid=self.call_sid,
             media_format=MediaFormat(MULAW, 8000, 1),
-            custom_parameters=self.parameters,
+            custom_parameters=parameters,
         )
         return _ENCODER.encode(Start(stream_sid=self.stream_sid, start=body, sequence_number=self._next()))
 

@@ -6,9 +6,10 @@ With ``--redis-url``, each server keeps its own calls as before and also:
   with a TTL it refreshes while the call lives, so a dead server cannot hold a call forever;
 - when a call it starts was held by another server, tells that server on its channel
   ``callsock:server:<id>`` (pub/sub), which closes its connection with 4000 "replaced";
-- appends call events (started, dtmf, mark, stopped, recording-ready) to the Redis Stream
-  ``callsock:events``, capped at ``--events-maxlen`` entries, for workers reading with consumer
-  groups (``callsock events`` tails it for a person);
+- appends each call's lifecycle events (started, stopped, recording-ready) to the Redis Stream
+  ``callsock:events`` and what happens during calls (dtmf, mark; at most ``MAX_ACTIVITY_EVENTS``
+  a call) to ``callsock:events:activity``, each capped at ``--events-maxlen`` entries, for
+  workers reading with consumer groups (``callsock events`` tails both for a person);
 - with ``--cluster-max-calls``, admits a connection only while the live servers' connections add
   up to less than the limit (an atomic script over the ``callsock:servers`` hash, in which each
   server's count expires with its heartbeat).
@@ -40,9 +41,14 @@ if TYPE_CHECKING:
     from .connection import Connection
     from .service import CallService
 
-__all__ = ["EVENTS_STREAM", "Cluster", "redacted"]
+__all__ = ["ACTIVITY_STREAM", "EVENTS_STREAM", "LIFECYCLE_EVENTS", "Cluster", "redacted"]
 
 EVENTS_STREAM: Final = "callsock:events"
+"""Each call's lifecycle: ``started``, ``stopped``, ``recording-ready``."""
+ACTIVITY_STREAM: Final = "callsock:events:activity"
+"""What happens during calls (``dtmf``, ``mark``): a stream of its own, so no amount of it can
+trim the lifecycle events away."""
+LIFECYCLE_EVENTS: Final = frozenset({"started", "stopped", "recording-ready"})
 SERVERS_HASH: Final = "callsock:servers"
 CALL_PREFIX: Final = "callsock:call:"
 CHANNEL_PREFIX: Final = "callsock:server:"
@@ -119,7 +125,8 @@ class Cluster:
         self.server_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.connected = False
         self.errors = 0
-        self.events_dropped = 0
+        self.events_dropped = {"outage": 0, "budget": 0}
+        """Events not sent: buffered past 10,000 during an outage, or past a call's budget."""
         self.cluster_calls = 0
         self.cluster_servers = 0
         self._admitting = 0
@@ -127,7 +134,10 @@ class Cluster:
         self._recovery = asyncio.Lock()
         self._ttl_ms = int(ttl * 1000)
         self._redis: aioredis.Redis | None = None
-        self._events: deque[dict[str, str]] = deque(maxlen=_EVENTS_BUFFERED)
+        # Buffered until sent (during an outage too), one queue per stream for the same reason.
+        self._events: dict[str, deque[dict[str, str]]] = {
+            stream: deque(maxlen=_EVENTS_BUFFERED) for stream in (EVENTS_STREAM, ACTIVITY_STREAM)
+        }
         self._events_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -191,9 +201,10 @@ class Cluster:
             self._spawn(self._publish_count())
 
     def event(self, kind: str, call_sid: str | None, stream_sid: str | None, **data: Any) -> None:
-        """Queue an event for the ``callsock:events`` stream (the oldest are dropped past 10,000)."""
-        if len(self._events) == self._events.maxlen:
-            self.events_dropped += 1
+        """Queue an event for its stream (lifecycle or activity; past 10,000 buffered, the oldest go)."""
+        queue = self._events[EVENTS_STREAM if kind in LIFECYCLE_EVENTS else ACTIVITY_STREAM]
+        if len(queue) == queue.maxlen:
+            self.events_dropped["outage"] += 1
         entry = {
             "type": kind,
             "callSid": call_sid or "",
@@ -203,7 +214,7 @@ class Cluster:
         }
         if data:
             entry["data"] = json.dumps(data, separators=(",", ":"))
-        self._events.append(entry)
+        queue.append(entry)
         self._events_ready.set()
 
     async def admit(self) -> bool:
@@ -370,21 +381,25 @@ class Cluster:
                 await self._flush_events()
 
     async def _flush_events(self) -> None:
-        if not self._events or self._redis is None or not self.connected:
+        if self._redis is None or not self.connected or not any(self._events.values()):
             return
-        batch = list(self._events)
-        self._events.clear()
+        batches = {stream: list(queue) for stream, queue in self._events.items()}
+        for queue in self._events.values():
+            queue.clear()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for entry in batch:
-                    fields: dict[Any, Any] = dict(entry)
-                    pipe.xadd(EVENTS_STREAM, fields, maxlen=self.events_maxlen, approximate=True)
+                for stream, batch in batches.items():
+                    for entry in batch:
+                        fields: dict[Any, Any] = dict(entry)
+                        pipe.xadd(stream, fields, maxlen=self.events_maxlen, approximate=True)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            # Put the batch back before what arrived meanwhile; past the bound the oldest go.
-            kept = deque(batch + list(self._events), maxlen=_EVENTS_BUFFERED)
-            self.events_dropped += len(batch) + len(self._events) - len(kept)
-            self._events = kept
+            # Put each batch back before what arrived meanwhile; past the bound the oldest go.
+            for stream, batch in batches.items():
+                queue = self._events[stream]
+                kept = deque(batch + list(queue), maxlen=_EVENTS_BUFFERED)
+                self.events_dropped["outage"] += len(batch) + len(queue) - len(kept)
+                self._events[stream] = kept
             self._lost(exc)
 
     def _lost(self, exc: BaseException) -> None:

@@ -22,9 +22,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from .call import AudioFrame, Call, MarkEcho
 from .errors import (
     CLOSE_NORMAL,
+    CallEnded,
     CallsockError,
+    CallTooLong,
     HandlerFailed,
+    IdleTimeout,
     MessageTooBig,
+    PolicyViolation,
     Replaced,
     StreamError,
 )
@@ -32,17 +36,18 @@ from .logs import get_logger
 from .outbound import Outbound
 from .protocol import StreamInfo
 from .recording import WavRecorder
-from .runner import HandlerRunner, Handlers
+from .runner import MAX_QUEUED_EVENTS, HandlerRunner, Handlers
 from .schema import Dtmf, InboundMessage, Mark, Media, Start, Stop
 from .session import CallSession, EndReason, Sink
+from .tokens import cannot_replace, proves_call
 
 if TYPE_CHECKING:
     from .service import CallService
 
-__all__ = ["Connection", "Transport"]
+__all__ = ["MAX_ACTIVITY_EVENTS", "Connection", "Transport"]
 
-PUBLISH_WAIT: Final = 10.0
-"""The longest a closing connection waits for its recording to reach the disk."""
+MAX_ACTIVITY_EVENTS: Final = 1000
+"""The most dtmf and mark events one call puts on the cluster's activity stream; more are counted."""
 
 
 class Transport(Protocol):
@@ -86,6 +91,7 @@ class Connection:
             buffer_bytes=settings.buffer_bytes,
             flush_seconds=settings.flush_seconds,
             start_ack=settings.start_ack,
+            admit=self._admit_start,
             log=get_logger(connection=connection_id),
         )
         self.call: Call | None = None
@@ -94,12 +100,18 @@ class Connection:
         self._end_reason: EndReason | None = None
         self.closing = False
         self._closer: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # --max-call-seconds
+        self._proven = False  # whether the start carried its call's stream token
+        self.activity_events = 0  # dtmf and mark events sent to the cluster's stream
+        self.activity_dropped = 0
+        self.published: asyncio.Future[dict[str, str]] | None = None
+        """Done when the call's recording is on disk: its files, relative to the record dir."""
         self._observe = service.metrics.observe_processing
         self._debug = service.debug
 
     def receive_text(self, data: str | bytes | bytearray) -> None:
         """Handle one text message: validate it and act on it, all before returning."""
-        if self.closing or self.transport.closing:
+        if self.closing:
             return  # the connection is closing: later data is ignored (RFC 6455 5.5.1)
         began = time.perf_counter()
         session = self.session
@@ -119,9 +131,14 @@ class Connection:
             self._control(event)
         self._observe(time.perf_counter() - began)
 
-    def receive_binary(self) -> None:
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` has arrived."""
+        return self.session.stream is not None
+
+    def receive_binary(self, data: bytes | bytearray = b"") -> None:
         """Reject a binary frame (1003)."""
-        if self.closing or self.transport.closing:
+        if self.closing:
             return
         try:
             self.session.receive_binary()
@@ -131,11 +148,11 @@ class Connection:
     def receive_oversized(self, limit: int) -> None:
         """Reject a message over the size limit (1009)."""
         error = MessageTooBig("message-too-big", "", f"message over {limit} bytes")
-        self.session.fail(error)
         self.reject(error)
 
     def reject(self, error: StreamError) -> None:
         """Log and count a broken rule, finish the call, and close with the rule's code."""
+        self.session.fail(error)
         self.session.log.warning(
             "message rejected",
             rule=error.rule,
@@ -148,12 +165,16 @@ class Connection:
 
     def end(self, reason: EndReason, error: CallsockError) -> None:
         """Close the connection from outside (replacement, shutdown, a failed handler)."""
-        if self.closing or self.transport.closing:
+        if self.closing:
             return
         if self._end_reason is None:
             self._end_reason = reason
         self.session.log.info("closing connection", endReason=reason, closeCode=error.close_code)
         self._close(error.close_code, error.close_reason)
+
+    def timed_out(self, error: IdleTimeout) -> None:
+        """Nothing, or no ``start``, arrived in time: end the call (1008)."""
+        self.end("idle-timeout", error)
 
     def note_shutdown(self) -> None:
         """The framework closed the socket because the server is stopping."""
@@ -175,31 +196,67 @@ class Connection:
             self._end_reason = "hangup"
         self._close(CLOSE_NORMAL, "hangup")
 
+    def peer_closed(self, code: int | None) -> None:
+        """The peer sent its close frame: the call is over; the answer waits for the recording."""
+        if self._end_reason is None:
+            self._end_reason = "closed"
+        self._close(code or CLOSE_NORMAL, "")
+
     def finish(self) -> None:
-        """Finish the call once: publish the recording, release the call, fold in the counters."""
+        """Finish the call once: release it, and publish its recording (logged when published)."""
         session = self.session
         if session.ended_at is not None:
             return
         if self.outbound is not None:
             self.outbound.close()
+        if self._deadline is not None:
+            self._deadline.cancel()
         summary = session.finish(self._end_reason or "closed")
         stream = session.stream
         service = self.service
         if stream is not None:
             service.registry.release(stream.call_key, self)
-            if service.cluster is not None and summary is not None:
-                self._tell_cluster(stream, summary)
-        service.metrics.connection_finished(self)
+            if service.cluster is not None:
+                service.cluster.released(stream.call_key, self)
         if self.runner is not None:
             self.runner.stop()
-        if summary is not None:
-            session.log.info(
-                "call ended",
-                endReason=summary["endReason"],
-                error=summary["error"],
-                durationMs=summary["durationMs"],
-                files=summary.get("files"),
+        if summary is None or stream is None:
+            return
+        service.metrics.call_ended(summary["endReason"])
+        if service.cluster is not None:
+            service.cluster.event(
+                "stopped",
+                stream.call_sid,
+                stream.stream_sid,
+                activityDropped=self.activity_dropped,
+                **_outcome(summary),
             )
+        if session.publishing:
+            self.published = asyncio.ensure_future(_files_published(session.publishing))
+            self.published.add_done_callback(self._recording_done)
+        else:
+            self._log_end(summary, None)
+
+    def _recording_done(self, published: asyncio.Future[dict[str, str]]) -> None:
+        """The recording is on disk (or failed): log the call's end, tell the cluster."""
+        session = self.session
+        summary, stream = session.summary, session.stream
+        assert summary is not None and stream is not None
+        files = None if published.cancelled() or published.exception() else published.result()
+        self._log_end(summary, files)
+        cluster = self.service.cluster
+        if cluster is not None and files is not None:
+            outcome = _outcome(summary)
+            cluster.event("recording-ready", stream.call_sid, stream.stream_sid, files=files, **outcome)
+
+    def _log_end(self, summary: dict[str, Any], files: dict[str, str] | None) -> None:
+        self.session.log.info(
+            "call ended",
+            endReason=summary["endReason"],
+            error=summary["error"],
+            durationMs=summary["durationMs"],
+            files=files,
+        )
 
     async def wait_handlers(self) -> None:
         """After the connection ends: let the handlers drain (bounded), then run ``on_stop``."""
@@ -236,30 +293,6 @@ class Connection:
             self._end_reason = "stop"
             self._close(CLOSE_NORMAL, "stream stopped")
 
-    def _tell_cluster(self, stream: StreamInfo, summary: dict[str, Any]) -> None:
-        cluster = self.service.cluster
-        assert cluster is not None
-        cluster.released(stream.call_key, self)
-        outcome = {
-            "endReason": summary["endReason"],
-            "error": summary["error"],
-            "durationMs": summary["durationMs"],
-        }
-        cluster.event("stopped", stream.call_sid, stream.stream_sid, **outcome)
-        loop = asyncio.get_running_loop()
-
-        def ready(future: Future[dict[str, str]]) -> None:  # on the writer thread
-            if not future.cancelled() and future.exception() is None:
-                files = future.result()
-                loop.call_soon_threadsafe(
-                    lambda: cluster.event(
-                        "recording-ready", stream.call_sid, stream.stream_sid, files=files, **outcome
-                    )
-                )
-
-        for publishing in self.session.publishing:
-            publishing.add_done_callback(ready)
-
     def _close(self, code: int, reason: str) -> None:
         # Once closing, nothing more is read, so the call is over: publish it now, and send the
         # close frame once the recording is on disk (a peer that sees the close sees the files).
@@ -267,44 +300,69 @@ class Connection:
             return
         self.closing = True
         self.finish()
-        pending = [f for f in self.session.publishing if not f.done()]
-        if pending:
-            self._closer = asyncio.ensure_future(self._close_when_published(pending, code, reason))
-        else:
+        published = self.published
+        if published is None or published.done():
             self.transport.close(code, reason)
+        else:
+            self._closer = asyncio.ensure_future(self._close_when_published(published, code, reason))
 
-    async def _close_when_published(
-        self, pending: list[Future[dict[str, str]]], code: int, reason: str
-    ) -> None:
+    async def _close_when_published(self, published: asyncio.Future[Any], code: int, reason: str) -> None:
         # shield: a closing connection that is cancelled must not cancel the publishing itself.
-        waiting = asyncio.gather(
-            *(asyncio.shield(asyncio.wrap_future(f)) for f in pending), return_exceptions=True
-        )
+        wait = self.service.settings.close_timeout
         try:
-            await asyncio.wait_for(waiting, PUBLISH_WAIT)
+            await asyncio.wait_for(asyncio.shield(published), wait)
         except TimeoutError:
-            self.session.log.warning(
-                "recording still being written; closing anyway", waitSeconds=PUBLISH_WAIT
-            )
+            self.session.mark_late("recording-late")
+            self.service.metrics.count_error("recording-late")
+            self.session.log.warning("recording still being written; closing anyway", waitSeconds=wait)
         except Exception:  # the writer logged it; the connection still closes
             pass
         self.transport.close(code, reason)
+
+    def _admit_start(self, stream: StreamInfo) -> None:
+        """Refuse a start that cannot carry this call, before anything of it is recorded.
+
+        Its stream token is wrong, or it would take over a live call without proving that it is
+        that call (see :mod:`callsock.tokens`).
+
+        Raises:
+            PolicyViolation: rule ``stream-token``.
+        """
+        self._proven = proves_call(self.service.settings, stream)
+        holder = self.service.registry.holder(stream.call_key)
+        if not self._proven and holder is not None and holder is not self:
+            raise cannot_replace()
 
     def _started(self) -> None:
         session = self.session
         stream = session.stream
         assert stream is not None
+        proven = self._proven
         previous = self.service.registry.claim(stream.call_key, self)
         if previous is not None:
             self.service.metrics.connections_replaced += 1
             previous.end("replaced", Replaced())
         if self.service.cluster is not None:
-            self.service.cluster.claimed(stream.call_key, self)
-            self._event("started", dialect=stream.dialect, tracks=list(stream.tracks),
-                        customParameters=stream.custom_parameters)  # fmt: skip
+            if proven:  # claiming in the cluster replaces the call's connection on another server
+                self.service.cluster.claimed(stream.call_key, self)
+            self.service.cluster.event(
+                "started",
+                stream.call_sid,
+                stream.stream_sid,
+                dialect=stream.dialect,
+                tracks=list(stream.tracks),
+                customParameters=stream.custom_parameters,
+            )
         for text in session.data_to_send():
-            self.transport.write(text)
+            try:
+                self.transport.write(text)
+            except CallEnded:  # the peer broke the framing later in the same read
+                break
         session.log.info("stream started", dialect=stream.dialect, tracks=list(stream.tracks))
+        limit = self.service.settings.max_call_seconds
+        self._deadline = asyncio.get_running_loop().call_later(
+            limit, self.end, "max-duration", CallTooLong(limit)
+        )
         if self.service.handlers:
             self._start_application(self.service.handlers)
 
@@ -332,9 +390,14 @@ class Connection:
             self.call,
             max_audio_ms=settings.handler_queue_ms,
             on_failure=self._handler_failed,
+            on_backlog=self._backlogged,
             log=session.log,
         )
         self.runner.start()
+
+    def _backlogged(self) -> None:
+        detail = f"over {MAX_QUEUED_EVENTS} events wait for the handlers"
+        self.reject(PolicyViolation("event-backlog", "", detail))
 
     def _handler_failed(self, error: HandlerFailed) -> None:
         self.session.fail(error)
@@ -348,9 +411,16 @@ class Connection:
         self._event("mark", name=name, outcome=outcome)
 
     def _event(self, kind: str, **data: Any) -> None:
+        """An activity event (dtmf, mark) for the cluster's stream, within the call's budget."""
         cluster, stream = self.service.cluster, self.session.stream
-        if cluster is not None and stream is not None:
-            cluster.event(kind, stream.call_sid, stream.stream_sid, **data)
+        if cluster is None or stream is None:
+            return
+        if self.activity_events == MAX_ACTIVITY_EVENTS:
+            cluster.events_dropped["budget"] += 1
+            self.activity_dropped += 1
+            return
+        self.activity_events += 1
+        cluster.event(kind, stream.call_sid, stream.stream_sid, **data)
 
     def _log_message(self, event: InboundMessage, size: int) -> None:
         self.session.log.debug(
@@ -359,3 +429,15 @@ class Connection:
             streamSid=getattr(event, "stream_sid", None),
             size=size,
         )
+
+
+def _outcome(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: summary[key] for key in ("endReason", "error", "durationMs")}
+
+
+async def _files_published(publishing: list[Future[dict[str, str]]]) -> dict[str, str]:
+    """Wait for every sink to publish; return their files, merged."""
+    files: dict[str, str] = {}
+    for done in await asyncio.gather(*(asyncio.wrap_future(f) for f in publishing)):
+        files.update(done)
+    return files

@@ -10,6 +10,7 @@ The hierarchy::
     │   ├── MessageTooBig         1009: a frame over the size limit
     │   └── FramingError          1002: a WebSocket frame RFC 6455 forbids
     ├── IdleTimeout               1008: nothing received (or no start) for too long
+    ├── CallTooLong               1008: the call outlasted --max-call-seconds
     ├── ServerBusy                1013: the server is at its call limit
     ├── Replaced                  4000: a newer connection took over the call
     ├── HandlerFailed             1011: an application handler raised; the call ends
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "CallEnded",
+    "CallTooLong",
     "CallsockError",
     "ConfigurationError",
     "FramingError",
@@ -128,6 +130,17 @@ class IdleTimeout(CallsockError):
 
     close_code = CLOSE_POLICY_VIOLATION
     rule = "idle-timeout"
+
+
+class CallTooLong(CallsockError):
+    """The call lasted longer than ``--max-call-seconds``; it is ended (1008)."""
+
+    close_code = CLOSE_POLICY_VIOLATION
+    rule = "max-duration"
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        super().__init__(f"call longer than {limit:g} s")
 
 
 class ServerBusy(CallsockError):

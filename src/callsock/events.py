@@ -1,6 +1,9 @@
-"""Reading the ``callsock:events`` stream: what ``callsock events`` shows a person.
+"""Reading the call event streams: what ``callsock events`` shows a person.
 
-Workers that act on calls (transcribe a finished recording, bill a call) read the same stream with
+``callsock:events`` holds each call's lifecycle (started, stopped, recording-ready) and
+``callsock:events:activity`` what happens during it (dtmf, mark); both are read, merged by time.
+
+Workers that act on calls (transcribe a finished recording, bill a call) read the same streams with
 their own consumer group; this module is the reference reader. With ``group`` set it reads as a
 member of that consumer group and acknowledges each entry once handed over, so a reader that is
 stopped and started again continues where it left off; without, it tails the stream from now (or
@@ -12,17 +15,18 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from .cluster import EVENTS_STREAM, redacted
+from .cluster import ACTIVITY_STREAM, EVENTS_STREAM, redacted
 from .errors import ConfigurationError
 
 __all__ = ["CallEvent", "read_events"]
 
 _BLOCK_MS = 1000
+STREAMS: Final = (EVENTS_STREAM, ACTIVITY_STREAM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +88,7 @@ async def read_events(
         ConfigurationError: Redis cannot be reached.
     """
     client = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=_BLOCK_MS / 1000 + 5)
-    handed: str | None = None
+    handed: tuple[str, str] | None = None
     try:
         try:
             await client.ping()
@@ -93,70 +97,78 @@ async def read_events(
         reader = _Reader(client, group, consumer)
         await reader.begin("0-0" if from_start else "$")
         while True:
-            for entry_id, fields in await reader.batch():
-                handed = entry_id
+            for stream, entry_id, fields in await reader.batch():
+                handed = (stream, entry_id)
                 yield CallEvent.from_entry(entry_id, fields)
-                await reader.done(entry_id)
+                await reader.done(stream, entry_id)
                 handed = None
     except GeneratorExit:  # the caller stopped after taking the last event handed over
         if handed is not None:
-            await reader.done(handed)
+            await reader.done(*handed)
         raise
     finally:
         await client.aclose()
 
 
 class _Reader:
-    """Reads batches of entries: as a tail (XREAD), or as a group member (XREADGROUP + XACK)."""
+    """Reads batches of entries from both streams, keeping a position in each.
+
+    As a tail with XREAD, or as a group member with XREADGROUP and XACK.
+    """
 
     def __init__(self, client: aioredis.Redis, group: str | None, consumer: str) -> None:
         self.client, self.group, self.consumer = client, group, consumer
-        self.last_id = "0-0"
+        self.last_ids = dict.fromkeys(STREAMS, "0-0")
         # A group member first takes what it was handed before and did not acknowledge.
-        self.pending: str | None = "0-0"
+        self.pending: dict[str, str | None] = dict.fromkeys(STREAMS, "0-0")
 
     async def begin(self, start: str) -> None:
-        """Position the reader: ``"0-0"`` for the oldest entry kept, ``"$"`` for the next one."""
-        if self.group is not None:
-            try:
-                await self.client.xgroup_create(EVENTS_STREAM, self.group, id=start, mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):  # an existing group keeps its position
-                    raise
-        elif start == "$":  # "$" means "after the newest" for one XREAD only: pin it down
-            newest = await self.client.xrevrange(EVENTS_STREAM, count=1) or []
-            self.last_id = str(newest[0][0]) if newest else "0-0"
+        """Position the reader: ``"0-0"`` for the oldest entries kept, ``"$"`` for the next ones."""
+        for stream in STREAMS:
+            if self.group is not None:
+                try:
+                    await self.client.xgroup_create(stream, self.group, id=start, mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):  # an existing group keeps its position
+                        raise
+            elif start == "$":  # "$" means "after the newest" for one XREAD only: pin it down
+                newest = await self.client.xrevrange(stream, count=1) or []
+                self.last_ids[stream] = str(newest[0][0]) if newest else "0-0"
 
-    async def batch(self) -> list[tuple[str, dict[str, str]]]:
-        """The next entries (empty after a second with none)."""
+    async def batch(self) -> list[tuple[str, str, dict[str, str]]]:
+        """The next entries as ``(stream, id, fields)``, oldest first (empty after a second with none)."""
         if self.group is None:
-            reply = await self.client.xread({EVENTS_STREAM: self.last_id}, block=_BLOCK_MS, count=100)
-            entries = _entries(reply)
-            if entries:
-                self.last_id = entries[-1][0]
-            return entries
-        grouped = await self.client.xreadgroup(
-            self.group, self.consumer, {EVENTS_STREAM: self.pending or ">"}, block=_BLOCK_MS, count=100
+            positions: dict[Any, Any] = dict(self.last_ids)
+            entries = _entries(await self.client.xread(positions, block=_BLOCK_MS, count=100))
+            for stream, entry_id, _ in entries:
+                self.last_ids[stream] = entry_id
+            return _in_order(entries)
+        wanted: dict[Any, Any] = {stream: pending or ">" for stream, pending in self.pending.items()}
+        entries = _entries(
+            await self.client.xreadgroup(self.group, self.consumer, wanted, block=_BLOCK_MS, count=100)
         )
-        entries = _entries(grouped)
-        if self.pending is not None:
-            if not entries:
-                self.pending = None
-            else:
-                self.pending = entries[-1][0]
+        for stream, pending in self.pending.items():
+            if pending is not None:
+                handed = [entry_id for s, entry_id, _ in entries if s == stream]
+                self.pending[stream] = handed[-1] if handed else None
         # A pending entry trimmed from the stream comes back without fields: acknowledge it.
-        for entry_id, fields in entries:
+        for stream, entry_id, fields in entries:
             if not fields:
-                await self.done(entry_id)
-        return [(entry_id, fields) for entry_id, fields in entries if fields]
+                await self.done(stream, entry_id)
+        return _in_order([entry for entry in entries if entry[2]])
 
-    async def done(self, entry_id: str) -> None:
+    async def done(self, stream: str, entry_id: str) -> None:
         """Acknowledge an entry handed over (group members only)."""
         if self.group is not None:
-            await self.client.xack(EVENTS_STREAM, self.group, entry_id)
+            await self.client.xack(stream, self.group, entry_id)
 
 
-def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
-    """The entries of an XREAD/XREADGROUP reply (one stream), oldest first."""
-    streams = reply.values() if isinstance(reply, dict) else (batch for _stream, batch in reply or [])
-    return [(entry_id, fields) for batch in streams for entry_id, fields in batch]
+def _entries(reply: Any) -> list[tuple[str, str, dict[str, str]]]:
+    """The entries of an XREAD/XREADGROUP reply, with their stream's name."""
+    streams = reply.items() if isinstance(reply, dict) else (reply or [])
+    return [(str(stream), entry_id, fields) for stream, batch in streams for entry_id, fields in batch]
+
+
+def _in_order(entries: list[tuple[str, str, dict[str, str]]]) -> list[tuple[str, str, dict[str, str]]]:
+    """Entries of both streams merged by time (an ID is milliseconds, then a sequence number)."""
+    return sorted(entries, key=lambda entry: tuple(int(part) for part in entry[1].split("-")))

@@ -16,6 +16,7 @@ start, a message over the size limit (1009).
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import struct
 from typing import Final
@@ -49,7 +50,12 @@ _U64: Final = struct.Struct(">Q")
 
 CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_INVALID_DATA: Final = 1007
+CLOSE_POLICY_VIOLATION: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
+
+MIN_FRAGMENTS: Final = 1024
+"""The most frames one message may come in is this, or one per 64 bytes of the size limit if that
+is more: empty continuation frames cost memory too (about 56 bytes each, held until the end)."""
 
 
 class FrameError(Exception):
@@ -58,12 +64,14 @@ class FrameError(Exception):
     Attributes:
         code: the close code.
         reason: what was wrong.
+        rule: a stable, kebab-case name of the rule broken (a metric label).
         messages: the whole messages that arrived before the fault, to be handled first.
     """
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, rule: str = "websocket-framing") -> None:
         self.code = code
         self.reason = reason
+        self.rule = rule
         self.messages: list[tuple[int, bytes | bytearray]] = []
         super().__init__(reason)
 
@@ -105,7 +113,7 @@ def parse_close(payload: bytes | bytearray) -> tuple[int | None, str]:
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
-        raise FrameError(CLOSE_INVALID_DATA, "close reason is not UTF-8") from None
+        raise FrameError(CLOSE_INVALID_DATA, "close reason is not UTF-8", "close-frame") from None
     return code, reason
 
 
@@ -125,10 +133,13 @@ class FrameReader:
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
-        self._buffer = b""
+        self.max_fragments = max(MIN_FRAGMENTS, max_message_bytes // 64)
+        self._buffer = bytearray()  # the start of a frame whose end has not arrived yet
+        self._awaited = 0  # the buffer's size at which that frame (or its header) is complete
         self._fragments: list[bytes | bytearray] = []
         self._fragment_opcode = 0
         self._fragment_bytes = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes | bytearray]]:
         """Parse ``data``; return the complete messages in it as ``(opcode, payload)``.
@@ -137,19 +148,28 @@ class FrameReader:
             FrameError: the stream breaks RFC 6455 or the size limit; the messages before the
                 fault are in its ``messages``.
         """
-        if self._buffer:
-            data = self._buffer + data
-            self._buffer = b""
+        buffer = self._buffer
         messages: list[tuple[int, bytes | bytearray]] = []
         try:
-            return self._parse(data, messages)
+            if buffer:
+                # A frame arriving in pieces: append (amortized, never re-copying what is held),
+                # and parse again only once the bytes its header asks for are in.
+                buffer += data
+                if len(buffer) < self._awaited:
+                    return messages
+                del buffer[: self._parse(buffer, messages)]
+            else:  # the usual case: parse what was read as it is
+                position = self._parse(data, messages)
+                if position < len(data):
+                    buffer += memoryview(data)[position:]
+            self._awaited = _frame_size(buffer) if buffer else 0
+            return messages
         except FrameError as exc:
             exc.messages = messages
             raise
 
-    def _parse(
-        self, data: bytes, messages: list[tuple[int, bytes | bytearray]]
-    ) -> list[tuple[int, bytes | bytearray]]:
+    def _parse(self, data: bytes | bytearray, messages: list[tuple[int, bytes | bytearray]]) -> int:
+        """Append the messages of the whole frames at the start of ``data``; return where they end."""
         position = 0
         end = len(data)
         while end - position >= 2:
@@ -171,15 +191,15 @@ class FrameReader:
             start = position + header + 4
             if end - start < length:
                 break
-            payload = _unmask(memoryview(data)[start : start + length], data[start - 4 : start])
+            payload = _unmask(memoryview(data)[start : start + length], bytes(data[start - 4 : start]))
             position = start + length
             if first & 0x80 and opcode != OP_CONTINUATION and not self._fragments:
+                if opcode == OP_TEXT and not payload.isascii():  # Twilio's messages are ASCII
+                    _check_utf8(payload)
                 messages.append((opcode, payload))  # the usual case: a whole message
             else:
                 self._fragment(first & 0x80, opcode, payload, messages)
-        if position < end:
-            self._buffer = data[position:]
-        return messages
+        return position
 
     def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
         if first & 0x70:
@@ -192,7 +212,7 @@ class FrameReader:
         elif opcode not in _DATA_OPCODES:
             raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
         elif self._fragment_bytes + length > self.max_message_bytes:
-            raise FrameError(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+            raise FrameError(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes", "message-too-big")
 
     def _fragment(
         self, fin: int, opcode: int, payload: bytes | bytearray, messages: list[tuple[int, bytes | bytearray]]
@@ -207,12 +227,41 @@ class FrameReader:
             raise FrameError(CLOSE_PROTOCOL_ERROR, "new message before the last one finished")
         else:
             self._fragment_opcode = opcode
+        if len(self._fragments) == self.max_fragments:
+            detail = f"message in over {self.max_fragments} frames"
+            raise FrameError(CLOSE_POLICY_VIOLATION, detail, "fragments")
+        if self._fragment_opcode == OP_TEXT:  # fail as soon as a fragment cannot be UTF-8 (8.1)
+            try:
+                self._utf8.decode(payload, final=bool(fin))
+            except UnicodeDecodeError:
+                raise FrameError(CLOSE_INVALID_DATA, "text message is not UTF-8", "invalid-utf8") from None
         self._fragments.append(payload)
         self._fragment_bytes += len(payload)
         if fin:
             messages.append((self._fragment_opcode, b"".join(self._fragments)))
+            self._utf8.reset()
             self._fragments = []
             self._fragment_bytes = 0
+
+
+def _check_utf8(payload: bytes | bytearray) -> None:
+    """Fail a text message that is not UTF-8 (section 8.1), whatever part of it a reader would use."""
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        raise FrameError(CLOSE_INVALID_DATA, "text message is not UTF-8", "invalid-utf8") from None
+
+
+def _frame_size(data: bytearray) -> int:
+    """The size of the (masked) frame starting ``data``, or of its header while that is incomplete."""
+    if len(data) < 2:
+        return 2
+    length = data[1] & 0x7F
+    if length == 126:
+        return 4 if len(data) < 4 else 8 + _U16.unpack_from(data, 2)[0]
+    if length == 127:
+        return 10 if len(data) < 10 else 14 + _U64.unpack_from(data, 2)[0]
+    return 6 + length
 
 
 try:

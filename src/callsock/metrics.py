@@ -28,9 +28,33 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .connection import Connection
 
-__all__ = ["CONTENT_TYPE", "PROCESSING_BUCKETS", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "LABEL_VALUES", "OTHER", "PROCESSING_BUCKETS", "ServerMetrics"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+OTHER: Final = "other"
+"""The label value that stands for anything outside a label's closed set."""
+
+LABEL_VALUES: Final[dict[str, frozenset[str]]] = {
+    # Twilio's StreamEvent values (Media Streams docs, "Stream status callback"); a client may
+    # post anything, and each new label value would be a new time series kept for ever.
+    "stream_status": frozenset({"stream-started", "stream-stopped", "stream-error"}),
+    "signature_rejections": frozenset({"webhook", "websocket", "status-callback"}),
+    "redis": frozenset({"errors", "recovered"}),
+    "http_rejections": frozenset(
+        {
+            "request-timeout",
+            "connection-budget",
+            "body-too-large",
+            "bad-body",
+            "bad-form",
+            "bad-host",
+            "head-too-large",
+            "unauthorized",
+        }
+    ),
+}
+"""The values each labelled counter of :meth:`ServerMetrics.count` may take; others count as ``other``."""
 
 PROCESSING_BUCKETS: Final = (
     5e-6,
@@ -71,11 +95,9 @@ class ServerMetrics:
         self.finished_outbound: dict[str, int] = {}
         self.finished_outbound_bytes = 0
         self.finished_dropped_frames = 0
-        self.labelled: dict[str, dict[str, int]] = {
-            "stream_status": {},
-            "signature_rejections": {},
-            "redis": {},
-        }
+        self.labelled: dict[str, dict[str, int]] = {name: {} for name in LABEL_VALUES}
+        self.http_connections: Callable[[], int] | None = None
+        """Returns the plain HTTP connections open now (set by a server that counts them)."""
         self.bucket_counts = [0] * (len(PROCESSING_BUCKETS) + 1)
         self.processing_sum = 0.0
         self._active = active
@@ -90,7 +112,13 @@ class ServerMetrics:
         self.processing_sum += seconds
 
     def count(self, name: str, label: str) -> None:
-        """Count one event of a labelled counter (``stream_status`` by event, ...)."""
+        """Count one event of a labelled counter (``stream_status`` by event, ...).
+
+        A label value outside the counter's closed set (:data:`LABEL_VALUES`) counts as
+        :data:`OTHER`, so a client cannot make the server keep a time series per string it sends.
+        """
+        if label not in LABEL_VALUES[name]:
+            label = OTHER
         family = self.labelled[name]
         family[label] = family.get(label, 0) + 1
 
@@ -98,8 +126,16 @@ class ServerMetrics:
         """Count one rejected message or connection, by the rule it broke."""
         self.errors[rule] = self.errors.get(rule, 0) + 1
 
-    def connection_finished(self, connection: Connection) -> None:
-        """Fold an ended connection's counters into the totals (call once per connection)."""
+    def call_ended(self, reason: str) -> None:
+        """Count a call that ended, by its end reason."""
+        self.calls_finished[reason] = self.calls_finished.get(reason, 0) + 1
+
+    def connection_forgotten(self, connection: Connection) -> None:
+        """Fold a connection's counters into the totals as it leaves the active set.
+
+        Call it once per connection, in the same step that removes it from what ``active``
+        returns: counted twice or not at all for a moment, a counter would go backwards.
+        """
         session = connection.session
         _add(self.finished_outbound, _outbound_counts(connection))
         self.finished_outbound_bytes += connection.outbound.bytes_sent if connection.outbound else 0
@@ -108,9 +144,6 @@ class ServerMetrics:
         _add(self.finished_messages, counters.messages)
         self.finished_received_bytes += counters.received_bytes
         self.finished_media_bytes += counters.media_bytes
-        if session.end_reason is not None and session.stream is not None:
-            reason = session.end_reason
-            self.calls_finished[reason] = self.calls_finished.get(reason, 0) + 1
 
     def render(self) -> bytes:
         """Return the metrics in the Prometheus text exposition format."""
@@ -175,6 +208,16 @@ class _Collector:
             "route",
             m.labelled["signature_rejections"],
         )
+        yield _counter(
+            "http_rejections",
+            "HTTP requests or connections refused or dropped, by reason.",
+            "reason",
+            m.labelled["http_rejections"],
+        )
+        if m.http_connections is not None:
+            http = GaugeMetricFamily("callsock_http_connections", "Plain HTTP connections open now.")
+            http.add_metric([], m.http_connections())
+            yield http
         yield from _cluster_metrics(m)
         gauge = GaugeMetricFamily("callsock_connections_active", "WebSocket connections open now.")
         gauge.add_metric([], len(active))
@@ -206,8 +249,9 @@ def _cluster_metrics(m: ServerMetrics) -> Iterator[Metric]:
         yield gauge
     yield _counter(
         "cluster_events_dropped",
-        "Call events dropped while Redis was unreachable.",
-        value=cluster.events_dropped,
+        "Call events not sent: buffered past 10,000 during an outage, or past a call's budget.",
+        "reason",
+        cluster.events_dropped,
     )
 
 

@@ -45,6 +45,19 @@ _CLEARED_ECHOES_KEPT: Final = 256
 
 
 @dataclass(slots=True)
+class _Playing:
+    """Audio sent and not yet played out.
+
+    ``at`` is where the recording places it: its start time, or ``None`` for right after the
+    previous audio.
+    """
+
+    chunk: bytes
+    start: float
+    at: float | None
+
+
+@dataclass(slots=True)
 class _PendingMark:
     name: str
     epoch: int
@@ -57,8 +70,9 @@ class Outbound:
     Args:
         protocol: encodes messages with the stream's SID.
         transport: where messages are written.
-        record: called with ``(play_time, mulaw)`` for every chunk sent, ``play_time`` being the
-            monotonic time at which the chunk starts to play.
+        record: called with ``(mulaw, play_time)`` for the audio the caller heard, once it has
+            played: ``play_time`` is the monotonic time it started, or ``None`` when it played
+            right after the previous audio. Audio a :meth:`clear` cut off is not recorded.
         lead: how far, in seconds, queued audio may run ahead of playback.
         clock: the monotonic clock; ``sleep`` waits on it (tests pass a virtual pair).
     """
@@ -67,7 +81,7 @@ class Outbound:
         self,
         protocol: StreamProtocol,
         transport: Transport,
-        record: Callable[[float, bytes], None],
+        record: Callable[[bytes, float | None], None],
         *,
         lead: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
@@ -82,7 +96,8 @@ class Outbound:
         self._pending = bytearray()
         self._lock = asyncio.Lock()
         self._waiting = 0  # sends waiting for, or holding, the lock (only the lock-free path reads it)
-        self._play_end = 0.0
+        self._play_end = float("-inf")  # the first audio starts when it is sent
+        self._unplayed: deque[_Playing] = deque()
         self._epoch = 0
         self._marks: deque[_PendingMark] = deque()
         self._cleared_echoes: deque[str] = deque(maxlen=_CLEARED_ECHOES_KEPT)
@@ -121,9 +136,7 @@ class Outbound:
             # queued before it. If playback leaves room for it, send it now, without the lock.
             now = self._clock()
             if self._play_end + _FRAME_SECONDS - self.lead <= now:
-                start = self._play_end if self._play_end > now else now
-                self._play_end = start + _FRAME_SECONDS
-                self._record(start, mulaw)
+                self._play(mulaw, now)
                 self.media_sent += 1
                 self.bytes_sent += FRAME_BYTES
                 if self._transport.write(self._protocol.media_message(mulaw)):
@@ -168,7 +181,9 @@ class Outbound:
         self._cancel_flush()
         self._epoch += 1
         self._pending.clear()
-        self._play_end = self._clock()
+        now = self._clock()
+        self._record_played(now, cut=True)
+        self._play_end = min(self._play_end, now)
         while self._marks:
             pending = self._marks.popleft()
             self._cleared_echoes.append(pending.name)
@@ -202,9 +217,10 @@ class Outbound:
             await self._transport.drain()
 
     def close(self) -> None:
-        """The connection is gone: fail pending marks and refuse further sends."""
+        """The connection is gone: record what was sent, fail pending marks, refuse further sends."""
         self.closed = True
         self._cancel_flush()
+        self._record_played(float("inf"), cut=False)
         while self._marks:
             pending = self._marks.popleft()
             if not pending.outcome.done():
@@ -223,13 +239,48 @@ class Outbound:
                     return False
             self._check_open()
             del self._pending[: len(chunk)]
-            start = max(self._play_end, self._clock())
-            self._play_end = start + duration
-            self._record(start, chunk)
+            self._play(chunk, self._clock())
             self.media_sent += 1
             self.bytes_sent += len(chunk)
             await self._send(self._protocol.media_message(chunk))
         return epoch == self._epoch
+
+    def _play(self, chunk: bytes, now: float) -> None:
+        """Put ``chunk`` on the playback clock after what is queued, and keep it until it has played.
+
+        Audio that follows queued audio plays back to back with it. So does audio sent less than
+        a frame after the queue ran dry: that is scheduling jitter (the reading and the writing
+        of one call wait on the same event loop), not a pause the caller would notice, and
+        placing such audio by the clock would put a click in the recording at every frame. Only
+        a real underrun, nothing queued for longer than a frame, starts the audio at ``now``.
+        """
+        self._record_played(now, cut=False)
+        if now - self._play_end > _FRAME_SECONDS:
+            self._unplayed.append(_Playing(chunk, now, now))
+            self._play_end = now + len(chunk) / SAMPLE_RATE
+        else:
+            self._unplayed.append(_Playing(chunk, self._play_end, None))
+            self._play_end += len(chunk) / SAMPLE_RATE
+
+    def _record_played(self, now: float, *, cut: bool) -> None:
+        """Record the audio that has finished playing by ``now``.
+
+        With ``cut`` (a clear), also record the part heard of the chunk playing now, and forget
+        the rest: the caller never hears it.
+        """
+        unplayed = self._unplayed
+        while unplayed:
+            playing = unplayed[0]
+            end = playing.start + len(playing.chunk) / SAMPLE_RATE
+            if end > now:
+                if cut:
+                    heard = round((now - playing.start) * SAMPLE_RATE)
+                    if heard > 0:
+                        self._record(playing.chunk[:heard], playing.at)
+                    unplayed.clear()
+                return
+            unplayed.popleft()
+            self._record(playing.chunk, playing.at)
 
     def _arm_flush(self) -> None:
         # Flush the remainder just before playback would run dry.

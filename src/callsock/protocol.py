@@ -27,8 +27,10 @@ import msgspec
 from .errors import CallEnded, InvalidMessage, PolicyViolation, StreamError, UnsupportedData
 from .g711 import SAMPLE_RATE
 from .schema import (
+    MAX_PARAMETER_CHARS,
     SEED_ACK_PROTOCOL,
     SEED_ACK_VERSION,
+    STREAM_TOKEN_PARAMETER,
     Connected,
     Dtmf,
     InboundMessage,
@@ -46,7 +48,7 @@ from .schema import (
     decoder,
 )
 
-__all__ = ["Dialect", "StartAck", "State", "StreamInfo", "StreamProtocol"]
+__all__ = ["Dialect", "StartAck", "State", "StreamInfo", "StreamProtocol", "call_key"]
 
 Dialect = Literal["twilio", "seed"]
 StartAck = Literal["auto", "always", "never"]
@@ -57,9 +59,27 @@ TRACK_IDS: Final = frozenset({"inbound", "outbound"})
 MULAW: Final = "audio/x-mulaw"
 DTMF_DIGITS: Final = frozenset("0123456789*#ABCD")
 
+MAX_NESTING: Final = 32
+"""The deepest nesting of arrays and objects a message may have (Twilio's go 3 deep).
+
+A rule of callsock's own: how deep a JSON decoder can go before it runs out of stack depends on
+the interpreter (3.11 stops near a thousand levels, 3.13 goes much further), and a message must
+be accepted or refused the same way on every Python callsock supports.
+"""
+
 # SIDs name files and directories of recordings, so they must be safe path components.
 # Twilio's are two letters and 32 hex digits; the seed's examples use "MTxxxx...".
 _SID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def call_key(call_sid: str | None, stream_sid: str) -> str:
+    """A call's key: its callSid, or ``stream.<streamSid>`` when it has none.
+
+    The dot cannot appear in a SID, so a seed-dialect stream whose streamSid equals another
+    call's callSid can never be taken for that call: not in the registry (it would replace
+    it), nor on disk (it would write into its directory).
+    """
+    return call_sid or f"stream.{stream_sid}"
 
 
 class State(enum.Enum):
@@ -82,6 +102,7 @@ class StreamInfo:
         tracks: the track ids the stream carries, in the order given.
         custom_parameters: ``<Parameter>`` values from the TwiML.
         dialect: ``"twilio"`` (tracks as strings) or ``"seed"`` (tracks as objects).
+        stream_token: the ``callsockToken`` custom parameter (left out of ``custom_parameters``).
         media_format: the audio format, as Twilio spells it in ``start.mediaFormat``.
     """
 
@@ -91,14 +112,15 @@ class StreamInfo:
     tracks: tuple[str, ...]
     custom_parameters: dict[str, str]
     dialect: Dialect
+    stream_token: str | None = None
     media_format: dict[str, str | int] = field(
         default_factory=lambda: {"encoding": MULAW, "sampleRate": SAMPLE_RATE, "channels": 1}
     )
 
     @property
     def call_key(self) -> str:
-        """The key that identifies the call: its callSid, or the streamSid when there is none."""
-        return self.call_sid or self.stream_sid
+        """The key that identifies the call (in the registry, and as its recordings' directory)."""
+        return call_key(self.call_sid, self.stream_sid)
 
 
 class StreamProtocol:
@@ -134,14 +156,16 @@ class StreamProtocol:
         """
         if self.state is not State.STREAMING:
             self._check_not_failed()
+        if _brackets(data) > MAX_NESTING and _nesting(data) > MAX_NESTING:
+            self.fail(InvalidMessage("json", "", f"JSON nested deeper than {MAX_NESTING} levels"))
         try:
             msg = self._decoder.decode(data)
         except msgspec.ValidationError as exc:
             self.fail(_schema_error(str(exc)))
         except msgspec.DecodeError as exc:
             self.fail(InvalidMessage("json", "", _short(str(exc))))
-        except RecursionError:  # arrays or objects nested deeper than the stack allows
-            self.fail(InvalidMessage("json", "", "JSON nested too deeply"))
+        except RecursionError:  # unreachable below MAX_NESTING; kept so no interpreter can crash here
+            self.fail(InvalidMessage("json", "", f"JSON nested deeper than {MAX_NESTING} levels"))
         except UnicodeEncodeError:  # a str holding a lone surrogate cannot be UTF-8
             self.fail(InvalidMessage("json", "", "text is not valid Unicode"))
         if type(msg) is Media:  # the hot path: about 50 a second per track
@@ -258,6 +282,15 @@ def _validate_start(msg: Start) -> StreamInfo:
         raise InvalidMessage("stream-sid", "start.streamSid", "start.streamSid differs")
     if body.call_sid is not None and not _SID.fullmatch(body.call_sid):
         raise InvalidMessage("call-sid", "start.callSid", "callSid malformed")
+    if body.account_sid is not None and not _SID.fullmatch(body.account_sid):
+        raise InvalidMessage("account-sid", "start.accountSid", "accountSid malformed")
+    for name, value in body.custom_parameters.items():
+        if len(name) + len(value) > MAX_PARAMETER_CHARS:
+            raise InvalidMessage(
+                "custom-parameter",
+                "start.customParameters",
+                f"a name and value over {MAX_PARAMETER_CHARS} characters",
+            )
     if not body.tracks:
         raise InvalidMessage("tracks", "start.tracks", "no track")
     if all(isinstance(t, str) for t in body.tracks):
@@ -277,13 +310,16 @@ def _validate_start(msg: Start) -> StreamInfo:
         raise InvalidMessage("track-id", "start.tracks", "track listed twice")
     if body.media_format is not None:
         _validate_media_format(body.media_format)
+    parameters = dict(body.custom_parameters)
+    token = parameters.pop(STREAM_TOKEN_PARAMETER, None)
     return StreamInfo(
         stream_sid=msg.stream_sid,
         call_sid=body.call_sid,
         account_sid=body.account_sid,
         tracks=tracks,
-        custom_parameters=body.custom_parameters,
+        custom_parameters=parameters,
         dialect=dialect,
+        stream_token=token,
     )
 
 
@@ -343,11 +379,37 @@ def _schema_error(message: str) -> InvalidMessage:
     text = _short(message[: at.start()] if at else message)
     if path == "event":
         return InvalidMessage("event", path, "event missing or unknown")
+    if "length <=" in message:  # one of the schema's limits
+        return InvalidMessage("too-long", path, text)
     if path == "streamSid":
         return InvalidMessage("stream-sid", path, text)
     if "base64" in message:
         return InvalidMessage("base64", path, "payload is not valid base64")
     return InvalidMessage("schema", path, text)
+
+
+def _brackets(data: str | bytes | bytearray) -> int:
+    """How many arrays and objects a message opens at most: a cheap bound on its nesting."""
+    if isinstance(data, str):
+        return data.count("{") + data.count("[")
+    return data.count(b"{") + data.count(b"[")
+
+
+_TOKENS: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _nesting(data: str | bytes | bytearray) -> int:
+    """The deepest nesting of arrays and objects in ``data``, brackets inside strings aside."""
+    raw = data.encode(errors="surrogatepass") if isinstance(data, str) else bytes(data)
+    depth = deepest = 0
+    for token in _TOKENS.finditer(raw):
+        bracket = token[0]
+        if bracket in (b"{", b"["):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket in (b"}", b"]"):
+            depth -= 1
+    return deepest
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -12,7 +12,7 @@ spent, a chunk of audio is dropped, and since every chunk is written at its own 
 recording keeps its timeline, with silence where the chunk was.
 
 When the call ends, whatever the end, the WAV headers are completed and the files are moved to
-``<record-dir>/<callSid or streamSid>/<streamSid>.<track>.wav`` and ``<streamSid>.json``, the
+``<record-dir>/<call key>/<streamSid>.<track>.wav`` and ``<streamSid>.json``, the
 JSON last. Each move is a hard link plus an unlink, which never overwrites: if a file of that
 name exists (the same stream recorded by an earlier connection), the stem gets a numbered
 suffix (``<streamSid>.1.inbound.wav``) and nothing is lost.
@@ -20,19 +20,26 @@ suffix (``<streamSid>.1.inbound.wav``) and nothing is lost.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import struct
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final
+
+import structlog
 
 from .diskwriter import DiskWriter
 from .g711 import SAMPLE_RATE, SAMPLE_WIDTH, ulaw_to_pcm16
 from .protocol import StreamInfo
 
-__all__ = ["PARTIAL_DIR", "WavRecorder", "publish", "wav_header"]
+__all__ = ["PARTIAL_DIR", "WavRecorder", "discard_partial", "publish", "publish_summary", "wav_header"]
+
+_log = structlog.get_logger("callsock")
 
 PARTIAL_DIR: Final = ".partial"
 """The directory, inside the record directory, where calls in progress are written."""
@@ -76,9 +83,18 @@ class WavRecorder:
         self.record_dir = record_dir
         self.partial_dir = record_dir / PARTIAL_DIR / connection_id
         self.dropped_bytes = 0
+        """PCM bytes refused before the disk: the writer had fallen too far behind."""
+        self.lost_bytes = 0
+        """PCM bytes the disk refused (full, or the directory gone); written on the writer thread."""
+        self.loss: str | None = None
+        """Why the disk refused, the first time."""
         self._writer = writer or DiskWriter(inline=True)
         self._stream: StreamInfo | None = None
         self._sizes: dict[str, int] = {}  # PCM bytes per track, as placed (written or not)
+        self._meta: dict[str, Any] = {}
+        self._progress: dict[str, Any] = {}
+        self._progress_queued = False
+        self._closed = False
 
     def open(self, stream: StreamInfo, meta: dict[str, Any]) -> None:
         """Create the call's partial files: an empty WAV per track and the start metadata."""
@@ -86,7 +102,22 @@ class WavRecorder:
         _safe_component(stream.call_key)
         self._stream = stream
         self._sizes = dict.fromkeys(stream.tracks, 0)
+        self._meta = meta
         self._writer.submit(self._create, list(stream.tracks), meta)
+
+    def progress(self, data: dict[str, Any]) -> None:
+        """Journal what the call has told so far (DTMF, counters) beside its audio.
+
+        ``callsock recover`` puts it in the summary of a call a crash cut short. Writes are
+        coalesced: however often this is called, at most one waits for the writer at a time,
+        and it writes the latest ``data`` (which must not be changed afterwards).
+        """
+        if self._closed:
+            return
+        self._progress = data
+        if not self._progress_queued:
+            self._progress_queued = True
+            self._writer.submit(self._write_progress)
 
     def write(self, track: str, mulaw: bytes | bytearray) -> None:
         """Write a chunk of ``track``'s mu-law audio, decoded to PCM, after what came before.
@@ -98,8 +129,11 @@ class WavRecorder:
         if track not in self._sizes:
             self._sizes[track] = 0
             self._writer.submit(self._create, [track], None)
-        pcm = ulaw_to_pcm16(mulaw)
         offset = self._sizes[track]
+        if offset + 2 * len(mulaw) > _MAX_DATA_BYTES:  # never past the RIFF format's 4 GiB
+            self.dropped_bytes += 2 * len(mulaw)
+            return
+        pcm = ulaw_to_pcm16(mulaw)
         self._sizes[track] = offset + len(pcm)
         if self._writer.submit(self._write_at, track, offset, pcm, size=len(pcm), droppable=True) is None:
             self.dropped_bytes += len(pcm)
@@ -112,29 +146,72 @@ class WavRecorder:
             the record directory (also recorded in the summary under ``files``).
         """
         self._require_stream()
-        if self.dropped_bytes:
-            summary = {**summary, "recordingDroppedMs": round(self.dropped_bytes / SAMPLE_WIDTH / 8)}
+        self._closed = True
         future = self._writer.submit(self._finalize, dict(self._sizes), summary)
         assert future is not None  # only droppable writes are refused
         return future
 
+    # What follows runs on the writer thread. A disk that refuses (full, or the record directory
+    # deleted) loses the audio, counted, and never the call; the summary says how much and why.
+
     def _create(self, tracks: list[str], meta: dict[str, Any] | None) -> None:
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
-        for track in tracks:
-            self._partial_wav(track).write_bytes(wav_header(0))
-        if meta is not None:
-            _write_json(self._partial_json(), meta)
+        try:
+            self.partial_dir.mkdir(parents=True, exist_ok=True)
+            for track in tracks:
+                self._partial_wav(track).write_bytes(wav_header(0))
+            if meta is not None:
+                _write_json(self._partial_json(), meta)
+        except OSError as exc:
+            self._lose(0, exc)  # the writes that follow will fail and count
+
+    def _write_progress(self) -> None:
+        self._progress_queued = False  # before reading: a newer progress queues another write
+        try:
+            _write_json(self._partial_json(), {**self._meta, **self._progress})
+        except OSError as exc:
+            self._lose(0, exc)
 
     def _write_at(self, track: str, offset: int, pcm: bytes) -> None:
-        fd = os.open(self._partial_wav(track), os.O_WRONLY)
         try:
-            os.pwrite(fd, pcm, _HEADER_BYTES + offset)
-        finally:
-            os.close(fd)
+            fd = os.open(self._partial_wav(track), os.O_WRONLY)
+            try:
+                written = os.pwrite(fd, pcm, _HEADER_BYTES + offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._lose(len(pcm), exc)
+            return
+        if written < len(pcm):  # the disk filled up in the middle
+            self._lose(len(pcm) - written, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    def _lose(self, pcm_bytes: int, exc: OSError) -> None:
+        self.lost_bytes += pcm_bytes
+        if self.loss is None:
+            self.loss = exc.strerror or str(exc)
+            _log.error(
+                "recording is losing audio; the call goes on", path=str(self.partial_dir), exc=self.loss
+            )
 
     def _finalize(self, sizes: dict[str, int], summary: dict[str, Any]) -> dict[str, str]:
         stream = self._require_stream()
-        return publish(self.record_dir, self.partial_dir, stream.stream_sid, stream.call_key, sizes, summary)
+        sid, key = stream.stream_sid, stream.call_key
+        try:  # what the disk refused is silence in the WAVs: their timeline is whole
+            return publish(self.record_dir, self.partial_dir, sid, key, sizes, summary, self._extra())
+        except OSError as exc:  # the audio cannot be published: the summary still is, saying why
+            self.lost_bytes = sum(sizes.values())
+            self._lose(0, exc)
+            discard_partial(self.partial_dir)
+            return publish_summary(self.record_dir, sid, key, summary, self._extra())
+
+    def _extra(self) -> dict[str, Any]:
+        """The summary's account of audio not recorded, if any."""
+        extra: dict[str, Any] = {}
+        if self.dropped_bytes:
+            extra["recordingDroppedMs"] = round(self.dropped_bytes / SAMPLE_WIDTH / 8)
+        if self.lost_bytes or self.loss:
+            extra["recordingLostMs"] = round(self.lost_bytes / SAMPLE_WIDTH / 8)
+            extra["recordingError"] = self.loss
+        return extra
 
     def _partial_wav(self, track: str) -> Path:
         return self.partial_dir / f"{self._require_stream().stream_sid}.{track}.wav"
@@ -155,22 +232,28 @@ def publish(
     call_key: str,
     sizes: dict[str, int],
     summary: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Complete the WAV headers of a call's partial files and move them into place.
 
     The files become ``<record_dir>/<call_key>/<stem>.<track>.wav`` and ``<stem>.json`` (last),
-    the stem being the streamSid, or the streamSid and a number when those names are taken.
+    the stem being the streamSid, or the streamSid and the next free number when those names
+    are taken (numbers never run out).
 
     Args:
         record_dir: the root of recordings.
         partial_dir: the directory the call's files were written in.
         stream_sid: the stream's SID (the partial files' stem).
-        call_key: the call's directory name (callSid, or streamSid).
+        call_key: the call's directory name (:attr:`~callsock.protocol.StreamInfo.call_key`).
         sizes: the PCM bytes of each track's WAV.
-        summary: the JSON to publish beside them.
+        summary: the JSON to publish beside them (read only when it is written, last).
+        extra: more fields for the JSON.
 
     Returns:
         The published files, by track, plus ``"summary"``, relative to ``record_dir``.
+
+    Raises:
+        OSError: the disk refused; nothing is left published (the partial files stay).
     """
     partial_wav = {track: partial_dir / f"{stream_sid}.{track}.wav" for track in sizes}
     for track, size in sizes.items():
@@ -179,30 +262,71 @@ def publish(
             f.write(wav_header(size))
     dest = record_dir / _safe_component(call_key)
     dest.mkdir(parents=True, exist_ok=True)
-    for attempt in range(1000):
-        stem = stream_sid if attempt == 0 else f"{stream_sid}.{attempt}"
+    for stem in _stems(dest, stream_sid):
         moves = [(partial_wav[track], dest / f"{stem}.{track}.wav") for track in sizes]
         files = {
             track: str(target.relative_to(record_dir))
             for track, (_, target) in zip(sizes, moves, strict=True)
         }
-        files["summary"] = str((dest / f"{stem}.json").relative_to(record_dir))
         if not _link_all(moves):
             continue
-        final_json = partial_dir / f"{stem}.final.json"
-        _write_json(final_json, {**summary, "files": files})
-        if not _link(final_json, dest / f"{stem}.json"):
-            _unlink_targets(moves)
+        try:
+            final_json = partial_dir / f"{stem}.final.json"
+            files["summary"] = str((dest / f"{stem}.json").relative_to(record_dir))
+            _write_json(final_json, {**summary, **(extra or {}), "files": files})
+            linked = _link(final_json, dest / f"{stem}.json")
             final_json.unlink()
+        except OSError:
+            _unlink_targets(moves)
+            raise
+        if not linked:
+            _unlink_targets(moves)
             continue
         for source, _ in moves:
             source.unlink()
-        final_json.unlink()
-        (partial_dir / f"{stream_sid}.json").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            partial_dir.rmdir()
+        discard_partial(partial_dir)
         return files
-    raise FileExistsError(f"no free file name for stream {stream_sid} in {dest}")
+    raise AssertionError("unreachable: stems never run out")
+
+
+def publish_summary(
+    record_dir: Path, stream_sid: str, call_key: str, summary: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, str]:
+    """Publish a call's JSON summary alone, when its audio could not be.
+
+    That is a full disk, or a deleted record directory (made again here if need be).
+
+    Returns:
+        ``{"summary": path}``, relative to ``record_dir``.
+    """
+    dest = record_dir / _safe_component(call_key)
+    dest.mkdir(parents=True, exist_ok=True)
+    for stem in _stems(dest, stream_sid):
+        files = {"summary": str((dest / f"{stem}.json").relative_to(record_dir))}
+        draft = dest / f".{stem}.json.tmp"
+        _write_json(draft, {**summary, **extra, "files": files})
+        try:
+            if _link(draft, dest / f"{stem}.json"):
+                return files
+        finally:
+            draft.unlink()
+    raise AssertionError("unreachable: stems never run out")
+
+
+def discard_partial(partial_dir: Path) -> None:
+    """Remove a call's partial directory and whatever is left in it."""
+    shutil.rmtree(partial_dir, ignore_errors=True)
+
+
+def _stems(dest: Path, stream_sid: str) -> Iterator[str]:
+    """The streamSid, then ``<streamSid>.<n>`` from the first number past those taken, without end."""
+    yield stream_sid
+    numbered = re.compile(re.escape(stream_sid) + r"\.(\d+)\.")
+    taken = (numbered.match(name) for name in os.listdir(dest))
+    number = max((int(m.group(1)) for m in taken if m), default=0) + 1
+    while True:  # a name taken meanwhile (by another server on the same disk) moves on to the next
+        yield f"{stream_sid}.{number}"
+        number += 1
 
 
 def _link_all(moves: list[tuple[Path, Path]]) -> bool:

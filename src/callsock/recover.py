@@ -6,8 +6,9 @@ cut), those files stay: WAVs whose headers still say "empty", and the JSON of wh
 said. Recovery completes each WAV header from the file's size, and publishes the WAVs and a
 summary with ``endReason`` ``crashed``, exactly where the call would have been published.
 
-A connection id starts with the hexadecimal process id of the server that wrote it: the
-directories of a server that is still running are left alone.
+A partial directory is named after the server instance that wrote it (:mod:`callsock.instance`):
+the directories of an instance whose lock file is still held, a server still running, are left
+alone. One leftover that cannot be recovered is reported and the others still are.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .g711 import SAMPLE_RATE, SAMPLE_WIDTH
+from .instance import INSTANCES_DIR, instance_of, is_held
+from .protocol import call_key
 from .recording import PARTIAL_DIR, publish
 
 __all__ = ["Recovered", "leftovers", "recover"]
@@ -38,6 +41,8 @@ class Recovered:
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None
+    failed: str | None = None
+    """Why the leftover could not be recovered (it is left where it is)."""
 
     def to_dict(self) -> dict[str, Any]:
         """As plain data (``--json``), with the camelCase names of the recordings' JSON."""
@@ -48,6 +53,7 @@ class Recovered:
             "seconds": self.seconds,
             "files": self.files,
             "skipped": self.skipped,
+            "failed": self.failed,
         }
 
 
@@ -56,7 +62,7 @@ def leftovers(record_dir: Path) -> list[Path]:
     root = record_dir / PARTIAL_DIR
     if not root.is_dir():
         return []
-    return sorted(d for d in root.iterdir() if d.is_dir() and not _writer_alive(d.name))
+    return sorted(d for d in root.iterdir() if d.is_dir() and not _writer_alive(record_dir, d.name))
 
 
 def recover(record_dir: Path) -> list[Recovered]:
@@ -66,11 +72,23 @@ def recover(record_dir: Path) -> list[Recovered]:
         return []
     results = []
     for directory in sorted(d for d in root.iterdir() if d.is_dir()):
-        if _writer_alive(directory.name):
+        if _writer_alive(record_dir, directory.name):
             results.append(Recovered(directory.name, skipped="its server is still running"))
             continue
-        results.append(_recover_one(record_dir, directory))
+        try:
+            results.append(_recover_one(record_dir, directory))
+        except (OSError, ValueError) as exc:  # one bad leftover does not stop the others
+            results.append(Recovered(directory.name, failed=f"{type(exc).__name__}: {exc}"))
+    _forget_dead_instances(record_dir)
     return results
+
+
+def _forget_dead_instances(record_dir: Path) -> None:
+    """Remove the lock files of instances that are gone and left nothing to recover."""
+    remaining = {instance_of(d.name) for d in (record_dir / PARTIAL_DIR).iterdir() if d.is_dir()}
+    for lock in (record_dir / INSTANCES_DIR).glob("*.lock"):
+        if lock.stem not in remaining and not is_held(record_dir, lock.stem):
+            lock.unlink(missing_ok=True)
 
 
 def _recover_one(record_dir: Path, directory: Path) -> Recovered:
@@ -101,10 +119,10 @@ def _recover_one(record_dir: Path, directory: Path) -> Recovered:
         "durationMs": round(seconds * 1000),
         "recovered": True,
     }
-    call_key = meta.get("callSid") or stream_sid
     result.stream_sid, result.call_sid = stream_sid, meta.get("callSid")
     result.seconds = round(seconds, 3)
-    result.files = publish(record_dir, directory, stream_sid, call_key, sizes, summary)
+    key = call_key(meta.get("callSid"), stream_sid)
+    result.files = publish(record_dir, directory, stream_sid, key, sizes, summary)
     return result
 
 
@@ -119,8 +137,16 @@ def _meta(directory: Path) -> dict[str, Any]:
     return {}
 
 
-def _writer_alive(connection_id: str) -> bool:
-    """Whether the process named by a connection id still runs (and is not this one)."""
+def _writer_alive(record_dir: Path, partial_name: str) -> bool:
+    """Whether the server that writes a partial directory still runs."""
+    instance = instance_of(partial_name)
+    if instance is not None:
+        return is_held(record_dir, instance)
+    return _pid_alive(partial_name)
+
+
+def _pid_alive(connection_id: str) -> bool:
+    """Whether the process an older connection id names (``<pid>-<ms>-<n>``, hex) still runs."""
     try:
         pid = int(connection_id.split("-", 1)[0], 16)
     except ValueError:

@@ -26,7 +26,7 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -42,6 +42,10 @@ try:  # the hooks asyncio.Task itself uses to mark the running task (3.11 to 3.1
     EAGER = True
 except ImportError:  # pragma: no cover - a Python without them runs every handler in the task
     EAGER = False
+
+
+MAX_QUEUED_EVENTS: Final = 1000
+"""The most events other than audio (start, DTMF, marks) that may wait for a call's handlers."""
 
 
 class _Kind(enum.Enum):
@@ -95,6 +99,9 @@ class HandlerRunner:
         call: the call the handlers are given.
         max_audio_ms: the most audio, in milliseconds, that may wait for ``on_audio`` handlers.
         on_failure: told when a handler raises (the connection then ends the call).
+        on_backlog: told, once, when ``MAX_QUEUED_EVENTS`` events other than audio wait for
+            the handlers (a peer flooding DTMF or marks faster than they can be handled); the
+            event that overflows, and any after it, are not queued.
         log: the call's logger.
     """
 
@@ -105,6 +112,7 @@ class HandlerRunner:
         *,
         max_audio_ms: float,
         on_failure: Callable[[HandlerFailed], None],
+        on_backlog: Callable[[], None] = lambda: None,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self.handlers = handlers
@@ -114,6 +122,9 @@ class HandlerRunner:
         self.failed = False
         self._max_audio_ms = max_audio_ms
         self._on_failure = on_failure
+        self._on_backlog = on_backlog
+        self._queued_events = 0  # events other than audio waiting in the queue
+        self.backlogged = False
         self._log = log
         self._events: deque[tuple[_Kind, Any]] = deque()
         self._queued_audio_ms = 0.0
@@ -144,12 +155,12 @@ class HandlerRunner:
         self._wake.set()
 
     def dtmf(self, digit: str) -> None:
-        """Queue ``on_dtmf``."""
-        self._push(_Kind.DTMF, digit)
+        """Queue ``on_dtmf`` (unless ``MAX_QUEUED_EVENTS`` wait already)."""
+        self._push_limited(_Kind.DTMF, digit)
 
     def mark(self, echo: MarkEcho) -> None:
-        """Queue ``on_mark``."""
-        self._push(_Kind.MARK, echo)
+        """Queue ``on_mark`` (unless ``MAX_QUEUED_EVENTS`` wait already)."""
+        self._push_limited(_Kind.MARK, echo)
 
     def stop(self) -> None:
         """Queue ``on_stop``, after everything already queued; later events are ignored."""
@@ -172,6 +183,14 @@ class HandlerRunner:
         if not self._stopping:
             self._events.append((kind, arg))
             self._wake.set()
+
+    def _push_limited(self, kind: _Kind, arg: Any) -> None:
+        if self._queued_events < MAX_QUEUED_EVENTS:
+            self._queued_events += 1
+            self._push(kind, arg)
+        elif not self.backlogged:
+            self.backlogged = True
+            self._on_backlog()
 
     def _drop_oldest_audio(self) -> bool:
         for i, (kind, frame) in enumerate(self._events):
@@ -242,10 +261,13 @@ class HandlerRunner:
                 self._queued_audio_ms -= len(arg.mulaw) / BYTES_PER_MS
                 if not self.failed:
                     await self._call_each(self.handlers.audio, (self.call, arg))
-            elif kind is _Kind.STOP:
+                continue
+            if kind is _Kind.STOP:
                 await self._call_each(self.handlers.stop, (self.call,))
                 return
-            elif not self.failed:
+            if kind is not _Kind.START:
+                self._queued_events -= 1
+            if not self.failed:
                 handlers = getattr(self.handlers, kind.value)
                 await self._call_each(handlers, (self.call,) if arg is None else (self.call, arg))
 

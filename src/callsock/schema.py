@@ -7,7 +7,9 @@ stay strings: Twilio documents them so, and strict decoding rejects a number in 
 
 ``media.payload`` is typed ``bytes``, so msgspec decodes (and strictly validates) the base64 while
 it parses the JSON. Unknown fields are ignored, so a field Twilio adds tomorrow cannot end live
-calls; everything callsock relies on is required and typed. Messages hold only strings, bytes
+calls; everything callsock relies on is required and typed. Every string has a length limit (the
+``MAX_`` constants, checked by the decoder at no extra cost), so what a call keeps of what its peer
+says is bounded whatever the peer sends. Messages hold only strings, bytes
 and other messages, never a cycle, so they are left out of the garbage collector (``gc=False``):
 at thousands of messages a second that keeps collections rare and short.
 
@@ -22,7 +24,7 @@ Both decode into :class:`StartBody`; :mod:`callsock.protocol` tells them apart a
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -52,10 +54,31 @@ __all__ = [
 ]
 
 
+MAX_COUNTER_CHARS: Final = 20
+"""``sequenceNumber``, ``chunk`` and ``timestamp`` are counters: 20 digits hold any 64-bit value."""
+MAX_NAME_CHARS: Final = 64
+"""Track names, formats, SIDs, the protocol's name and version: short words."""
+MAX_MARK_CHARS: Final = 256
+"""A mark's name, both ways (callsock refuses to send a longer one)."""
+MAX_PARAMETER_CHARS: Final = 500
+"""A custom parameter's name and value together ("must be under 500 characters", TwiML <Parameter>)."""
+MAX_PARAMETERS: Final = 99
+"""Custom parameters per stream (the REST API takes Parameter1 to Parameter99)."""
+STREAM_TOKEN_PARAMETER: Final = "callsockToken"
+"""The custom parameter callsock's stream token travels in (see :mod:`callsock.tokens`); it is
+taken out of ``customParameters``, so no summary, event or application ever sees it."""
+
+Counter = Annotated[str, msgspec.Meta(max_length=MAX_COUNTER_CHARS)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+MarkName = Annotated[str, msgspec.Meta(max_length=MAX_MARK_CHARS)]
+ParameterText = Annotated[str, msgspec.Meta(max_length=MAX_PARAMETER_CHARS)]
+Parameters = Annotated[dict[ParameterText, ParameterText], msgspec.Meta(max_length=MAX_PARAMETERS)]
+
+
 class MediaFormat(msgspec.Struct, rename="camel", gc=False):
     """``start.mediaFormat``: always mu-law, 8000 Hz, mono on Twilio."""
 
-    encoding: str
+    encoding: Name
     sample_rate: int
     channels: int
 
@@ -63,8 +86,8 @@ class MediaFormat(msgspec.Struct, rename="camel", gc=False):
 class SeedTrack(msgspec.Struct, gc=False):
     """One entry of ``start.tracks`` in the seed dialect; validated by the protocol."""
 
-    id: str
-    format: str | None = None
+    id: Name
+    format: Name | None = None
     rate: int | None = None
     channels: int | None = None
 
@@ -72,41 +95,41 @@ class SeedTrack(msgspec.Struct, gc=False):
 class StartBody(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
     """The ``start`` object of a start message, in either dialect."""
 
-    tracks: tuple[str | SeedTrack, ...] = ()
-    stream_sid: str | None = None
-    account_sid: str | None = None
-    call_sid: str | None = None
+    tracks: Annotated[tuple[Name | SeedTrack, ...], msgspec.Meta(max_length=4)] = ()
+    stream_sid: Name | None = None
+    account_sid: Name | None = None
+    call_sid: Name | None = None
     media_format: MediaFormat | None = None
-    custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+    custom_parameters: Parameters = msgspec.field(default_factory=dict)
 
 
 class MediaBody(msgspec.Struct, gc=False):
     """The ``media`` object of an inbound media message."""
 
     payload: bytes
-    track: str = "inbound"
-    chunk: str | None = None
-    timestamp: str | None = None
+    track: Name = "inbound"
+    chunk: Counter | None = None
+    timestamp: Counter | None = None
 
 
 class DtmfBody(msgspec.Struct, gc=False):
     """The ``dtmf`` object: a digit pressed by the caller."""
 
-    digit: str
-    track: str = "inbound_track"
+    digit: Name
+    track: Name = "inbound_track"
 
 
 class MarkBody(msgspec.Struct, gc=False):
     """The ``mark`` object: the name of a mark the server sent earlier."""
 
-    name: str
+    name: MarkName
 
 
 class StopBody(msgspec.Struct, rename="camel", omit_defaults=True, gc=False):
     """The ``stop`` object; the seed dialect may leave it out."""
 
-    account_sid: str | None = None
-    call_sid: str | None = None
+    account_sid: Name | None = None
+    call_sid: Name | None = None
 
 
 class Inbound(msgspec.Struct, tag_field="event", rename="camel", omit_defaults=True, gc=False):
@@ -120,48 +143,48 @@ class Inbound(msgspec.Struct, tag_field="event", rename="camel", omit_defaults=T
 class Connected(Inbound, tag="connected"):
     """The first message: names the protocol (``Call``) and its version."""
 
-    protocol: str | None = None
-    version: str | None = None
+    protocol: Name | None = None
+    version: Name | None = None
 
 
 class Start(Inbound, tag="start"):
     """Stream metadata, sent once before any media."""
 
-    stream_sid: str
+    stream_sid: Name
     start: StartBody
-    sequence_number: str | None = None
+    sequence_number: Counter | None = None
 
 
 class Media(Inbound, tag="media"):
     """A chunk of caller (or, on a fork, callee) audio."""
 
-    stream_sid: str
+    stream_sid: Name
     media: MediaBody
-    sequence_number: str | None = None
+    sequence_number: Counter | None = None
 
 
 class Dtmf(Inbound, tag="dtmf"):
     """A DTMF digit (bidirectional streams only)."""
 
-    stream_sid: str
+    stream_sid: Name
     dtmf: DtmfBody
-    sequence_number: str | None = None
+    sequence_number: Counter | None = None
 
 
 class Mark(Inbound, tag="mark"):
     """The echo of a mark the server sent: its audio played, or was cleared."""
 
-    stream_sid: str
+    stream_sid: Name
     mark: MarkBody
-    sequence_number: str | None = None
+    sequence_number: Counter | None = None
 
 
 class Stop(Inbound, tag="stop"):
     """The stream has ended."""
 
-    stream_sid: str
+    stream_sid: Name
     stop: StopBody | None = None
-    sequence_number: str | None = None
+    sequence_number: Counter | None = None
 
 
 InboundMessage = Connected | Start | Media | Dtmf | Mark | Stop

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ from .cluster import Cluster
 from .connection import Connection, Transport
 from .diskwriter import DiskWriter
 from .errors import CLOSE_GOING_AWAY, CallsockError, ServerBusy
+from .instance import Instance
 from .logs import get_logger, level_number
 from .metrics import ServerMetrics
 from .registry import CallRegistry
@@ -61,7 +61,8 @@ class CallService:
         self.log = get_logger()
         self.started_monotonic = time.monotonic()
         self._ids = itertools.count(1)
-        self._id_prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
+        # Names this start's partial recordings; its lock file tells recover it still runs.
+        self.instance = Instance.claim(settings.record_dir) if settings.record else Instance.unrecorded()
         self.cluster: Cluster | None = None
         if settings.redis_url:
             self.cluster = Cluster(
@@ -72,6 +73,14 @@ class CallService:
                 max_calls=settings.cluster_max_calls,
             )
 
+    def warn_if_unsigned(self) -> None:
+        """Log, once at start, that anyone can connect when no auth token is set."""
+        if not self.settings.auth_token:
+            self.log.warning(
+                "no Twilio auth token: signatures are not checked and anyone can connect; "
+                "set --auth-token or TWILIO_AUTH_TOKEN (--require-signature makes it mandatory)"
+            )
+
     def admit(self, transport: Transport) -> Connection | ServerBusy:
         """Open a connection on ``transport``, or return the refusal if at ``max_calls``."""
         if len(self.connections) >= self.settings.max_calls:
@@ -79,7 +88,7 @@ class CallService:
             self.metrics.connections_refused += 1
             self.log.warning("connection refused", reason=str(busy), closeCode=busy.close_code)
             return busy
-        connection = Connection(self, transport, f"{self._id_prefix}-{next(self._ids)}")
+        connection = Connection(self, transport, f"{self.instance.id}-{next(self._ids)}")
         self.connections[connection.id] = connection
         self._no_connections.clear()
         self.metrics.connections_opened += 1
@@ -88,7 +97,8 @@ class CallService:
     def forget(self, connection: Connection) -> None:
         """Drop a closed connection, finishing its call if that has not happened yet."""
         connection.finish()
-        self.connections.pop(connection.id, None)
+        if self.connections.pop(connection.id, None) is not None:
+            self.metrics.connection_forgotten(connection)
         if not self.connections:
             self._no_connections.set()
         if self.cluster is not None:
@@ -120,7 +130,9 @@ class CallService:
             await asyncio.wait_for(self._no_connections.wait(), seconds)
         remaining = max(seconds - (time.monotonic() - started), 1.0)
         written = await asyncio.to_thread(self.writer.close, remaining)
-        if not written:
+        if written:
+            self.instance.release()
+        else:  # the lock goes with the process: recover can then take the rest
             self.log.error("recordings still being written at exit; run callsock recover on the record dir")
 
     def health(self) -> dict[str, Any]:

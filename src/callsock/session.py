@@ -13,10 +13,10 @@ ending a phone call because a recording could not be written would hurt the call
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
-from typing import Any, Literal, NoReturn, Protocol
+from typing import Any, Final, Literal, NoReturn, Protocol
 
 import structlog
 
@@ -26,11 +26,21 @@ from .g711 import BYTES_PER_MS, SAMPLE_RATE
 from .protocol import StartAck, StreamInfo, StreamProtocol
 from .schema import Dtmf, InboundMessage, Media, Start
 
-__all__ = ["CallCounters", "CallSession", "EndReason", "Sink"]
+__all__ = ["MAX_AHEAD_SECONDS", "MAX_DTMF_KEPT", "CallCounters", "CallSession", "EndReason", "Sink"]
 
-EndReason = Literal["stop", "hangup", "replaced", "closed", "idle-timeout", "error", "shutdown"]
+MAX_AHEAD_SECONDS: Final = 5.0
+"""How far a track's timeline may run ahead of the call's wall-clock time: audio past it is dropped
+(``aheadDroppedMs``), so disk and memory per call follow the call's real duration."""
+
+MAX_DTMF_KEPT: Final = 256
+"""DTMF digits kept for the summary; later ones are counted (``dtmfDropped``), not kept."""
+
+EndReason = Literal[
+    "stop", "hangup", "replaced", "closed", "idle-timeout", "max-duration", "error", "shutdown"
+]
 """Why a call ended: the peer sent ``stop``; the application hung up; a newer connection took
-over; the connection closed without ``stop``; an error; the server shut down."""
+over; the connection closed without ``stop``; nothing arrived for too long; the call outlasted
+``--max-call-seconds``; an error; the server shut down."""
 
 
 class Sink(Protocol):
@@ -41,6 +51,9 @@ class Sink(Protocol):
 
     def write(self, track: str, mulaw: bytes | bytearray) -> None:
         """Take a chunk of ``track``'s audio; the buffer is only valid during the call."""
+
+    def progress(self, data: dict[str, Any]) -> None:
+        """Take what the summary would say so far (``dtmf``, ``counters``); keep no reference to change."""
 
     def close(self, summary: dict[str, Any]) -> Future[dict[str, str]] | None:
         """Finish with the call's summary; may return a future of the files it publishes."""
@@ -81,6 +94,9 @@ class CallSession:
         buffer_bytes: the capacity of the call's audio buffer.
         flush_seconds: flush the buffer once its oldest audio is this old (``None``: when full).
         start_ack: see :class:`~callsock.protocol.StreamProtocol`.
+        admit: called with the stream a valid ``start`` describes, before anything of the call is
+            recorded; it raises a :class:`~callsock.errors.StreamError` to refuse the start, and
+            then the call leaves nothing behind (no files, no summary).
         log: the logger lines about this call go to; bound to its SIDs on ``start``.
     """
 
@@ -92,6 +108,7 @@ class CallSession:
         buffer_bytes: int = 1 << 20,
         flush_seconds: float | None = None,
         start_ack: StartAck = "auto",
+        admit: Callable[[StreamInfo], None] | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.connection_id = connection_id
@@ -107,6 +124,7 @@ class CallSession:
         self.start_monotonic = 0.0
         """The monotonic time at which ``start`` arrived: the stream's time zero."""
         self.dtmf: list[dict[str, str | None]] = []
+        self.dtmf_dropped = 0
         self.summary: dict[str, Any] | None = None
         self.publishing: list[Future[dict[str, str]]] = []
         """What the sinks are still publishing once the call has finished."""
@@ -116,6 +134,9 @@ class CallSession:
         self._flush_seconds = flush_seconds
         self._buffer: AudioBuffer | None = None
         self._recording_outbound = False
+        self._admit = admit
+        self.refused = False
+        """Whether ``admit`` refused the start (the call is then not recorded)."""
 
     @property
     def stream(self) -> StreamInfo | None:
@@ -142,10 +163,27 @@ class CallSession:
         event = type(msg).__name__.lower()
         counters.other[event] = counters.other.get(event, 0) + 1
         if isinstance(msg, Start):
+            self._admit_start()
             self._start()
         elif isinstance(msg, Dtmf):
-            self.dtmf.append({"digit": msg.dtmf.digit, "sequenceNumber": msg.sequence_number})
+            if len(self.dtmf) < MAX_DTMF_KEPT:
+                self.dtmf.append({"digit": msg.dtmf.digit, "sequenceNumber": msg.sequence_number})
+                self._journal()
+            else:
+                self.dtmf_dropped += 1
         return msg
+
+    def _admit_start(self) -> None:
+        if self._admit is None:
+            return
+        assert self.stream is not None
+        try:
+            self._admit(self.stream)
+        except StreamError as exc:
+            self.refused = True
+            self._sinks.clear()
+            self._record_error(exc)
+            raise
 
     def receive_binary(self) -> NoReturn:
         """Reject a binary frame (close code 1003)."""
@@ -159,16 +197,33 @@ class CallSession:
         """Record an error found outside the protocol (an oversized frame, a failed handler)."""
         self._record_error(error)
 
-    def record_outbound(self, play_time: float, mulaw: bytes) -> None:
-        """Record audio the application sent, at the monotonic time it starts to play."""
+    def record_outbound(self, mulaw: bytes, play_time: float | None) -> None:
+        """Record audio the caller heard from the application.
+
+        Args:
+            mulaw: the audio.
+            play_time: the monotonic time it started to play, or ``None`` when it played right
+                after the previous outbound audio (placed back to back, whatever the clock says).
+        """
         buffer = self._buffer
         if buffer is None or self.ended_at is not None:
             return
         if not self._recording_outbound:
             buffer.add_track("outbound")
             self._recording_outbound = True
-        offset = round((play_time - self.start_monotonic) * SAMPLE_RATE)
-        buffer.add_at("outbound", offset if offset > 0 else 0, mulaw)
+        offset = None
+        if play_time is not None:
+            offset = max(round((play_time - self.start_monotonic) * SAMPLE_RATE), 0)
+        buffer.add_at("outbound", offset, mulaw)
+
+    def mark_late(self, rule: str) -> None:
+        """Say in the summary that the recording was not on disk when the connection closed.
+
+        The summary is being published on the writer thread, which serializes it last; replacing
+        the value of a key it already has is safe meanwhile (its size does not change).
+        """
+        if self.summary is not None and self.summary["error"] is None:
+            self.summary["error"] = rule
 
     def data_to_send(self) -> list[bytes]:
         """Return, and forget, the messages waiting to be sent to the peer."""
@@ -187,14 +242,14 @@ class CallSession:
 
         Returns:
             The call's summary (also kept as :attr:`summary`), or ``None`` if ``start`` never
-            arrived.
+            arrived or was refused.
         """
         if self.ended_at is not None:
             return self.summary
         self.ended_at = _now()
         self.end_reason = "error" if self.last_error is not None else reason
         stream = self.stream
-        if stream is None:
+        if stream is None or self.refused:
             return None
         if self._buffer is not None:
             self._buffer.align()
@@ -208,17 +263,8 @@ class CallSession:
                 continue
             if publishing is not None:
                 self.publishing.append(publishing)
-                publishing.add_done_callback(self._published)
         self._sinks.clear()
         return self.summary
-
-    def _published(self, future: Future[dict[str, str]]) -> None:
-        # Runs on the thread that published; the summary dict is not touched by anyone else now.
-        if not future.cancelled() and future.exception() is None:
-            files = future.result()
-            if self.summary is not None:
-                self.summary["files"] = files
-            self.log.info("recording published", files=files)
 
     def _receive_media(self, msg: Media) -> None:
         media = msg.media
@@ -244,7 +290,11 @@ class CallSession:
         self.start_monotonic = time.monotonic()
         self.log = self.log.bind(callSid=stream.call_sid, streamSid=stream.stream_sid)
         self._buffer = AudioBuffer(
-            stream.tracks, self._buffer_bytes, self._deliver, flush_after=self._flush_seconds
+            stream.tracks,
+            self._buffer_bytes,
+            self._deliver,
+            flush_after=self._flush_seconds,
+            max_ahead=MAX_AHEAD_SECONDS,
         )
         meta = self._describe(stream)
         for sink in list(self._sinks):
@@ -259,6 +309,13 @@ class CallSession:
                 sink.write(track, mulaw)
             except OSError as exc:
                 self._drop_sink(sink, "write", exc)
+        self._journal()
+
+    def _journal(self) -> None:
+        """Tell the sinks what the summary would say so far, as the audio reaches them."""
+        progress = {"dtmf": list(self.dtmf), "counters": self._counters()}
+        for sink in self._sinks:
+            sink.progress(progress)
 
     def _drop_sink(self, sink: Sink, op: str, exc: OSError) -> None:
         self.log.error("sink failed; call goes on without it", sink=type(sink).__name__, op=op, exc=str(exc))
@@ -283,7 +340,6 @@ class CallSession:
 
     def _summary(self, stream: StreamInfo) -> dict[str, Any]:
         buffer = self._buffer
-        counters = self.counters
         return {
             **self._describe(stream),
             "endedAt": self.ended_at,
@@ -291,13 +347,19 @@ class CallSession:
             "error": self.last_error.rule if self.last_error else None,
             "durationMs": round(max(buffer.position_ms(t) for t in buffer.tracks)) if buffer else 0,
             "dtmf": self.dtmf,
-            "counters": {
-                "messages": counters.messages,
-                "receivedBytes": counters.received_bytes,
-                "mediaBytes": counters.media_bytes,
-                "silenceMs": round(buffer.silence_bytes / BYTES_PER_MS) if buffer else 0,
-                "errors": counters.errors,
-            },
+            "counters": self._counters(),
+        }
+
+    def _counters(self) -> dict[str, Any]:
+        counters, buffer = self.counters, self._buffer
+        return {
+            "messages": counters.messages,
+            "receivedBytes": counters.received_bytes,
+            "mediaBytes": counters.media_bytes,
+            "silenceMs": round(buffer.silence_bytes / BYTES_PER_MS) if buffer else 0,
+            "aheadDroppedMs": round(buffer.ahead_bytes / BYTES_PER_MS) if buffer else 0,
+            "dtmfDropped": self.dtmf_dropped,
+            "errors": counters.errors,
         }
 
 

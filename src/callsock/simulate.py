@@ -51,7 +51,8 @@ class SimulationConfig:
         track: on a fork, which tracks carry the audio.
         dtmf: digits pressed after the audio.
         parameters: ``customParameters`` of ``start``.
-        auth_token: sign the upgrade with ``X-Twilio-Signature``, as Twilio does.
+        auth_token: sign the upgrade with ``X-Twilio-Signature`` and give ``start`` the call's
+            stream token, as Twilio does with callsock's TwiML.
         quiet_seconds: after the caller is done, this long without audio back ends the call.
         max_drain_seconds: the longest wait for the server to finish after the caller is done.
     """
@@ -67,10 +68,18 @@ class SimulationConfig:
     quiet_seconds: float = 1.0
     max_drain_seconds: float = 10.0
 
+    def __post_init__(self) -> None:
+        if self.track != "inbound" and not self.fork:
+            raise ValueError(f"track {self.track!r} needs fork: a bidirectional stream has only inbound")
+
 
 @dataclass
 class SimulationReport:
-    """What happened on the call (times in milliseconds)."""
+    """What happened on the call (times in milliseconds).
+
+    ``frames_sent`` counts the media messages sent on every track; ``frames_by_track`` splits
+    them (a ``--fork --track both`` call sends each 20 ms of audio on both tracks).
+    """
 
     url: str
     dialect: str
@@ -81,6 +90,7 @@ class SimulationReport:
     ack_received: bool = False
     ack_exact: bool | None = None
     frames_sent: int = 0
+    frames_by_track: dict[str, int] = field(default_factory=dict)
     dtmf_sent: str = ""
     media_received: int = 0
     audio_received_ms: float = 0.0
@@ -130,7 +140,12 @@ def write_reply(report: SimulationReport, path: Path) -> None:
 
 async def simulate(config: SimulationConfig) -> SimulationReport:
     """Place one call and report on it; connection failures are reported, not raised."""
-    caller = Caller(dialect=config.dialect, parameters=dict(config.parameters), tracks=_tracks(config))
+    caller = Caller(
+        dialect=config.dialect,
+        parameters=dict(config.parameters),
+        tracks=_tracks(config),
+        auth_token=config.auth_token,
+    )
     report = SimulationReport(
         config.url, config.dialect, stream_sid=caller.stream_sid, call_sid=caller.call_sid
     )
@@ -343,7 +358,12 @@ async def _stream(
             continue
         for track in tracks:
             await ws.send_str(caller.media(frame, track).decode())
-        line.report.frames_sent += 1
+            _count_frame(line.report, track)
+
+
+def _count_frame(report: SimulationReport, track: str) -> None:
+    report.frames_sent += 1
+    report.frames_by_track[track] = report.frames_by_track.get(track, 0) + 1
 
 
 async def _drain(line: _Line, config: SimulationConfig) -> None:

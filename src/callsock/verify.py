@@ -9,8 +9,9 @@
 6. A second connection for the same call replaces the first (which is closed with 4000).
 7. With an auth token: an unsigned upgrade is refused and a signed one accepted.
 
-Each check that fails says why. Calls placed by the checks carry the custom parameter
-``callsock-verify`` so their recordings are easy to tell apart.
+Each check that fails says why. Every ``start`` the checks send carries the custom parameter
+``callsockVerify`` = ``1`` (``<Parameter name="callsockVerify" value="1"/>``, arriving as
+``customParameters``), so the server's recordings of these test calls can be told apart.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from .caller import Caller
+from .caller import Caller, Dialect
 from .signatures import signature_for
 
-__all__ = ["Check", "VerifyConfig", "verify"]
+__all__ = ["VERIFY_PARAMETER", "Check", "VerifyConfig", "verify"]
 
 _TIMEOUT = aiohttp.ClientTimeout(total=10)
-_VERIFY_PARAMETER = {"callsock-verify": "1"}
+VERIFY_PARAMETER: Final = {"callsockVerify": "1"}
+"""The custom parameter of every call ``callsock verify`` places."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,17 @@ async def _call(
             return None, received
 
 
+def _caller(run: _Run, dialect: Dialect = "twilio") -> Caller:
+    """A caller whose start marks the call as a test (:data:`VERIFY_PARAMETER`).
+
+    With an auth token, the start carries the call's stream token too, as Twilio passes on the
+    ``<Parameter>`` of callsock's TwiML.
+    """
+    return Caller(dialect=dialect, parameters=dict(VERIFY_PARAMETER), auth_token=run.config.auth_token)
+
+
 async def _check_twilio_call(run: _Run) -> str:
-    caller = Caller(parameters=dict(_VERIFY_PARAMETER))
+    caller = _caller(run)
     frames = [caller.media(b"\xff" * 160) for _ in range(10)]
     code, _ = await _call(run, [caller.connected(), caller.start(), *frames, caller.stop()])
     if code != 1000:
@@ -239,7 +250,7 @@ async def _check_twilio_call(run: _Run) -> str:
 
 
 async def _check_seed_ack(run: _Run) -> str:
-    caller = Caller(dialect="seed")
+    caller = _caller(run, dialect="seed")
     _, received = await _call(run, [caller.start()], until="text", wait=2.0)
     expected = (
         '{"event":"start","protocol":"wss","version":"1.0.0",'
@@ -253,7 +264,7 @@ async def _check_seed_ack(run: _Run) -> str:
 
 
 async def _check_invalid_start(run: _Run) -> str:
-    caller = Caller(dialect="seed")
+    caller = _caller(run, dialect="seed")
     bad = caller.start().replace(b'"rate":8000', b'"rate":16000')
     code, _ = await _call(run, [bad])
     if code != 1007:
@@ -263,7 +274,7 @@ async def _check_invalid_start(run: _Run) -> str:
 
 async def _check_replacement(run: _Run) -> str:
     url = _target(run)
-    first, second = Caller(parameters=dict(_VERIFY_PARAMETER)), Caller(parameters=dict(_VERIFY_PARAMETER))
+    first, second = _caller(run), _caller(run)
     second.call_sid = first.call_sid
     async with run.session.ws_connect(url, headers=run.headers(url)) as old:
         await old.send_str(first.start().decode())

@@ -63,11 +63,12 @@ def print_recovered(record_dir: Path, results: list[Recovered]) -> None:
     for column in ("connection", "callSid", "streamSid", "seconds", "result"):
         table.add_column(column)
     for r in results:
-        outcome = (
-            f"[yellow]left: {r.skipped}[/]"
-            if r.skipped
-            else f"[green]published[/] {r.files.get('summary', '')}"
-        )
+        if r.failed:
+            outcome = f"[red]failed: {escape(r.failed)}[/]"
+        elif r.skipped:
+            outcome = f"[yellow]left: {r.skipped}[/]"
+        else:
+            outcome = f"[green]published[/] {r.files.get('summary', '')}"
         table.add_row(r.connection_id, r.call_sid or "-", r.stream_sid or "-", f"{r.seconds:.1f}", outcome)
     Console().print(table)
 
@@ -98,9 +99,7 @@ def print_simulation(report: SimulationReport, out: Path | None) -> None:
     if report.dialect == "seed":
         ack = "none" if not report.ack_received else ("exact" if report.ack_exact else "received, NOT exact")
         table.add_row("start acknowledgement", ack)
-    table.add_row(
-        "sent", f"{report.frames_sent} frames" + (f", DTMF {report.dtmf_sent}" if report.dtmf_sent else "")
-    )
+    table.add_row("sent", _sent(report))
     first = "none" if report.first_audio_ms is None else f"{report.first_audio_ms} ms after start"
     table.add_row("first audio back", first)
     table.add_row("received", f"{report.media_received} media ({report.audio_received_ms:.0f} ms of audio)")
@@ -117,6 +116,16 @@ def print_simulation(report: SimulationReport, out: Path | None) -> None:
         table.add_row("reply written to", str(out))
     table.add_row("verdict", "[green]ok[/]" if report.ok else "[red]FAILED[/]")
     Console().print(table)
+
+
+def _sent(report: SimulationReport) -> str:
+    """``40 frames (20 inbound, 20 outbound), DTMF 12``: every track's frames are counted."""
+    sent = f"{report.frames_sent} frames"
+    if len(report.frames_by_track) > 1:
+        sent += " (" + ", ".join(f"{n} {track}" for track, n in report.frames_by_track.items()) + ")"
+    elif report.frames_by_track:
+        sent += f" on {next(iter(report.frames_by_track))}"
+    return sent + (f", DTMF {report.dtmf_sent}" if report.dtmf_sent else "")
 
 
 def print_bench(report: BenchReport) -> None:

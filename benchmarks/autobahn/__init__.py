@@ -1,0 +1,1 @@
+"""The Autobahn WebSocket test suite against callsock's own framing (``make autobahn``)."""
