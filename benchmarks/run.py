@@ -1,7 +1,7 @@
 """The benchmark: callsock, a FastAPI sample and Node + ws, measured side by side in one run.
 
 Each server runs alone, pinned to CPU 0 (``taskset -c 0``); this process, the load generator
-(``callsock.bench``), pins itself to CPU 1. Every server does the same work per media frame:
+(``callsock.tools.bench``), pins itself to CPU 1. Every server does the same work per media frame:
 parse the JSON, base64-decode, mu-law to PCM, PCM to mu-law, send it back as an outbound media
 message. callsock also validates, counts, records and paces, as it does in production.
 
@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from callsock.bench import BenchConfig, BenchReport, run_bench  # noqa: E402
+from callsock.tools.bench import BenchConfig, BenchReport, run_bench  # noqa: E402
 
 SERVER_CPU = "0"
 LOADGEN_CPU = 1

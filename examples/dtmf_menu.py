@@ -16,7 +16,7 @@ import asyncio
 import numpy as np
 
 from callsock import App, Call
-from callsock.audio import PCM
+from callsock.call.audio import PCM
 
 RATE = 8_000
 """The clips are made at the phone's own rate, so they are sent as they are."""

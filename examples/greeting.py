@@ -16,7 +16,7 @@ import asyncio
 import numpy as np
 
 from callsock import App, AudioFrame, Call
-from callsock.audio import PCM
+from callsock.call.audio import PCM
 
 GREETING_RATE = 16_000
 """The rate the greeting is made at; ``call.play`` resamples it to 8 kHz."""

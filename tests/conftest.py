@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 import trustme
 
-from callsock.logs import configure_logging
-from callsock.server import CallServer
+from callsock.observability.logs import configure_logging
+from callsock.server.routes import CallServer
 
 from .helpers import running_server
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import aiohttp
 
-from callsock.app import App
-from callsock.g711 import ulaw_to_pcm16
-from callsock.server import CallServer
-from callsock.settings import Settings
+from callsock.call.app import App
+from callsock.protocol.g711 import ulaw_to_pcm16
+from callsock.server.routes import CallServer
+from callsock.server.settings import Settings
 
 ACCOUNT = "AC" + "0" * 32
 

@@ -15,8 +15,8 @@ import pytest
 import structlog
 
 from callsock import App, AudioFrame, Call, MarkEcho, OneWayStream
-from callsock.audio import load_wav, pcm_to_mulaw
-from callsock.server import CallServer
+from callsock.call.audio import load_wav, pcm_to_mulaw
+from callsock.server.routes import CallServer
 
 from .helpers import (
     TwilioPeer,

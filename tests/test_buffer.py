@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callsock.buffer import AudioBuffer
+from callsock.recording.buffer import AudioBuffer
 
 SILENCE = b"\xff"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from callsock.cli import load_app, main
-from callsock.errors import ConfigurationError
+from callsock.cli.main import load_app, main
+from callsock.protocol.errors import ConfigurationError
 
 from .helpers import receive_close, sid, stop, twilio_start
 from .processes import free_port, wait_healthy

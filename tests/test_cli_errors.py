@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from callsock.cli import main
-from callsock.recording import PARTIAL_DIR
-from callsock.settings import SettingError, Settings, check_record_dir
+from callsock.cli.main import main
+from callsock.recording.sinks import PARTIAL_DIR
+from callsock.server.settings import SettingError, Settings, check_record_dir
 
 from .processes import free_port
 

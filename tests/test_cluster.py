@@ -24,9 +24,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from callsock import App
-from callsock.errors import ConfigurationError
-from callsock.settings import Settings
-from callsock.signatures import signature_for
+from callsock.protocol.errors import ConfigurationError
+from callsock.server.settings import Settings
+from callsock.server.signatures import signature_for
 
 from .helpers import (
     WAIT_SECONDS,

@@ -42,8 +42,8 @@ from streamdouble import audio as sd_audio
 from streamdouble.session import SessionConfig
 from streamdouble.trace import TraceConfig
 
-from callsock.g711 import ulaw_to_pcm16
-from callsock.server import CallServer
+from callsock.protocol.g711 import ulaw_to_pcm16
+from callsock.server.routes import CallServer
 
 from .helpers import read_wav, running_server, ws_url
 

@@ -34,7 +34,7 @@ from streamdouble import audio as sd_audio
 from streamdouble.session import SessionConfig
 
 from callsock import App, Call, CallServer, Settings
-from callsock.g711 import ulaw_to_pcm16
+from callsock.protocol.g711 import ulaw_to_pcm16
 
 from .helpers import WAIT_SECONDS, connected, eventually, media, read_wav, sid, twilio_start
 

@@ -27,11 +27,11 @@ from streamdouble import api as sd_api
 from streamdouble import audio as sd_audio
 from streamdouble.session import SessionConfig
 
-from callsock.app import App
-from callsock.call import Call
-from callsock.g711 import ulaw_to_pcm16
-from callsock.logs import configure_logging
-from callsock.recording import WavRecorder
+from callsock.call.app import App
+from callsock.call.call import Call
+from callsock.observability.logs import configure_logging
+from callsock.protocol.g711 import ulaw_to_pcm16
+from callsock.recording.sinks import WavRecorder
 
 from .helpers import (
     FRAME,

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from callsock.bench import client_frame
-from callsock.frames import (
+from callsock.protocol.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
@@ -26,6 +25,7 @@ from callsock.frames import (
     encode_frame,
     parse_close,
 )
+from callsock.tools.bench import client_frame
 
 from .helpers import RFC_KEY, raw_frame
 

@@ -31,12 +31,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from callsock.buffer import AudioBuffer
-from callsock.errors import StreamError
-from callsock.protocol import State, StreamProtocol
-from callsock.schema import Connected, Dtmf, Mark, Media, Start, Stop
-from callsock.server import CallServer
-from callsock.session import CallSession
+from callsock.call.session import CallSession
+from callsock.protocol.errors import StreamError
+from callsock.protocol.messages import Connected, Dtmf, Mark, Media, Start, Stop
+from callsock.protocol.stream import State, StreamProtocol
+from callsock.recording.buffer import AudioBuffer
+from callsock.server.routes import CallServer
 
 from .helpers import (
     ACCOUNT,

@@ -1,4 +1,4 @@
-"""callsock.g711 against an independent reading of ITU-T G.711 Table 2a (mu-law).
+"""callsock.protocol.g711 against an independent reading of ITU-T G.711 Table 2a (mu-law).
 
 The reference below is built from the table's structure: 8 segments of 16 intervals, with the
 decision values and decoder outputs of the 14-bit magnitude scale, and sign-magnitude coding of
@@ -17,7 +17,14 @@ import struct
 from bisect import bisect_right
 from typing import Final
 
-from callsock.g711 import BYTES_PER_MS, MULAW_SILENCE, SAMPLE_RATE, SAMPLE_WIDTH, pcm16_to_ulaw, ulaw_to_pcm16
+from callsock.protocol.g711 import (
+    BYTES_PER_MS,
+    MULAW_SILENCE,
+    SAMPLE_RATE,
+    SAMPLE_WIDTH,
+    pcm16_to_ulaw,
+    ulaw_to_pcm16,
+)
 
 # Segment 0 has decision values 1, 3, ..., 31 (steps of 2 from 1); each later segment continues
 # from the previous one's last decision value with twice the step.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 
-from callsock.httpguard import MAX_HEAD_BYTES
-from callsock.server import CallServer
+from callsock.server.httpguard import MAX_HEAD_BYTES
+from callsock.server.routes import CallServer
 
 from .helpers import (
     WAIT_SECONDS,

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from callsock.errors import InvalidMessage
-from callsock.protocol import MAX_NESTING, State, StreamProtocol
+from callsock.protocol.errors import InvalidMessage
+from callsock.protocol.stream import MAX_NESTING, State, StreamProtocol
 
 from .helpers import sid, twilio_start
 

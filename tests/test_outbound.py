@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from callsock.errors import CallEnded
-from callsock.outbound import FRAME_BYTES, Outbound
-from callsock.protocol import StreamProtocol
+from callsock.call.outbound import FRAME_BYTES, Outbound
+from callsock.protocol.errors import CallEnded
+from callsock.protocol.stream import StreamProtocol
 
 from .helpers import eventually, sid, twilio_start
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from callsock.outbound import FRAME_BYTES, Outbound
-from callsock.protocol import StreamProtocol
+from callsock.call.outbound import FRAME_BYTES, Outbound
+from callsock.protocol.stream import StreamProtocol
 
 from .helpers import sid, twilio_start
 

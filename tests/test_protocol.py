@@ -5,9 +5,18 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from callsock.errors import InvalidMessage, PolicyViolation, StreamError, UnsupportedData
-from callsock.protocol import State, StreamProtocol
-from callsock.schema import Connected, Dtmf, Mark, Media, OutboundMedia, OutboundMediaBody, Start, Stop
+from callsock.protocol.errors import InvalidMessage, PolicyViolation, StreamError, UnsupportedData
+from callsock.protocol.messages import (
+    Connected,
+    Dtmf,
+    Mark,
+    Media,
+    OutboundMedia,
+    OutboundMediaBody,
+    Start,
+    Stop,
+)
+from callsock.protocol.stream import State, StreamProtocol
 
 SID = "MZ00000000000000000000000000000001"
 

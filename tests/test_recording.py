@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from callsock.g711 import ulaw_to_pcm16
-from callsock.protocol import StreamInfo
-from callsock.recording import PARTIAL_DIR, WavRecorder, wav_header
+from callsock.protocol.g711 import ulaw_to_pcm16
+from callsock.protocol.stream import StreamInfo
+from callsock.recording.sinks import PARTIAL_DIR, WavRecorder, wav_header
 
 STREAM = "MZ" + "1" * 32
 CALL = "CA" + "2" * 32

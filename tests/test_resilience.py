@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from callsock import App, AudioFrame, Call
-from callsock.bench import BenchConfig, run_bench
-from callsock.recording import WavRecorder
+from callsock.recording.sinks import WavRecorder
+from callsock.tools.bench import BenchConfig, run_bench
 
 from .helpers import (
     FRAME,
@@ -201,7 +201,7 @@ async def test_slow_disk_drops_audio_not_calls(record_dir: Path, monkeypatch: py
 
 def test_recover_leaves_a_running_servers_calls(tmp_path: Path) -> None:
     """recover() skips directories whose server process is alive (this one, here)."""
-    from callsock.recover import recover
+    from callsock.recording.recover import recover
 
     partial = tmp_path / ".partial" / f"{os.getpid():x}-1-1"
     partial.mkdir(parents=True)

@@ -13,10 +13,10 @@ import structlog
 import uvloop
 from structlog.testing import capture_logs
 
-from callsock.call import AudioFrame, Call, MarkEcho
-from callsock.errors import CallEnded, HandlerFailed
-from callsock.g711 import BYTES_PER_MS
-from callsock.runner import HandlerRunner, Handlers
+from callsock.call.call import AudioFrame, Call, MarkEcho
+from callsock.call.handlers import HandlerRunner, Handlers
+from callsock.protocol.errors import CallEnded, HandlerFailed
+from callsock.protocol.g711 import BYTES_PER_MS
 
 from .helpers import WAIT_SECONDS, eventually
 

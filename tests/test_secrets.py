@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 
 from callsock import stream_token
-from callsock.cli import main
-from callsock.signatures import signature_for
+from callsock.cli.main import main
+from callsock.server.signatures import signature_for
 
 from .processes import serve_process, wait_healthy
 

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 import structlog
 
-from callsock.logs import configure_logging
-from callsock.server import CallServer
-from callsock.settings import Settings
+from callsock.observability.logs import configure_logging
+from callsock.server.routes import CallServer
+from callsock.server.settings import Settings
 
 from .helpers import (
     connected,

@@ -29,10 +29,10 @@ from typing import Any, Final
 import pytest
 import uvloop
 
-from callsock.bench import BenchConfig, run_bench
-from callsock.caller import Caller
-from callsock.frames import accept_key
-from callsock.g711 import ulaw_to_pcm16
+from callsock.protocol.frames import accept_key
+from callsock.protocol.g711 import ulaw_to_pcm16
+from callsock.tools.bench import BenchConfig, run_bench
+from callsock.tools.twilio_side import Caller
 
 from .processes import free_port
 

@@ -12,7 +12,7 @@ import pytest
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 from callsock import stream_token
-from callsock.signatures import signature_for
+from callsock.server.signatures import signature_for
 
 from .helpers import (
     TwilioPeer,
@@ -133,7 +133,7 @@ async def test_a_start_with_no_token_is_accepted_when_not_required(
 
 def test_the_token_is_kept_out_of_custom_parameters() -> None:
     """The protocol hands the token over apart: no summary, event or handler ever sees it."""
-    from callsock.protocol import StreamProtocol
+    from callsock.protocol.stream import StreamProtocol
 
     protocol = StreamProtocol()
     protocol.receive_text(twilio_start(sid("MZ", 30), params={"callsockToken": "t" * 43, "tenant": "acme"}))

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from callsock import App, Call, MarkEcho
-from callsock.audio import load_wav, pcm_to_mulaw
-from callsock.bench import BenchConfig, client_frame, run_bench
-from callsock.cli import main
-from callsock.simulate import SimulationConfig, simulate, write_reply
+from callsock.call.audio import load_wav, pcm_to_mulaw
+from callsock.cli.main import main
+from callsock.tools.bench import BenchConfig, client_frame, run_bench
+from callsock.tools.simulate import SimulationConfig, simulate, write_reply
 
 from .helpers import read_wav, running_server, ws_url
 
@@ -121,7 +121,7 @@ async def test_cli_simulate_reports_both_tracks(tmp_path: Path, record_dir: Path
 
 
 def read_wav_bytes(mulaw: bytes) -> bytes:
-    from callsock.g711 import ulaw_to_pcm16
+    from callsock.protocol.g711 import ulaw_to_pcm16
 
     return ulaw_to_pcm16(mulaw)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from callsock.verify import VERIFY_PARAMETER, Check, VerifyConfig, verify
+from callsock.tools.verify import VERIFY_PARAMETER, Check, VerifyConfig, verify
 
 from .helpers import published, running_server
 

@@ -11,9 +11,9 @@ import pytest
 import structlog
 
 from callsock import stream_token
-from callsock.logs import MAX_LOGGED_CHARS, clip
-from callsock.settings import SettingError, Settings
-from callsock.signatures import signature_for
+from callsock.observability.logs import MAX_LOGGED_CHARS, clip
+from callsock.server.settings import SettingError, Settings
+from callsock.server.signatures import signature_for
 
 from .helpers import (
     ACCOUNT,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from callsock.websocket import ServerWebSocket, WebSocketState
+from callsock.protocol.websocket import ServerWebSocket, WebSocketState
 
 from .helpers import raw_frame
 

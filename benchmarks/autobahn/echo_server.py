@@ -1,8 +1,8 @@
 """An echo server on callsock's own WebSocket stack, for the Autobahn fuzzing client.
 
 Every text and binary message comes back as it came; a close frame is answered with its code.
-It uses exactly what ``callsock serve`` uses from the upgrade on (``callsock.transport`` over
-``callsock.websocket``), with a receiver that echoes instead of a Media Streams connection.
+It uses exactly what ``callsock serve`` uses from the upgrade on (``callsock.server.transport`` over
+``callsock.protocol.websocket``), with a receiver that echoes instead of a Media Streams connection.
 
     python -m benchmarks.autobahn.echo_server --port 9001
 """
@@ -14,9 +14,9 @@ import asyncio
 
 from aiohttp import web
 
-from callsock.errors import IdleTimeout, StreamError
-from callsock.frames import CLOSE_TOO_BIG
-from callsock.transport import WebSocketTransport, accept, check_upgrade
+from callsock.protocol.errors import IdleTimeout, StreamError
+from callsock.protocol.frames import CLOSE_TOO_BIG
+from callsock.server.transport import WebSocketTransport, accept, check_upgrade
 
 MAX_MESSAGE_BYTES = 64 << 20  # case 9 sends messages of up to 16 MiB
 

@@ -5,9 +5,10 @@ Start with ``callsock serve`` (or ``make serve``); see README.md.
 
 from __future__ import annotations
 
-from .app import App
-from .call import AudioFrame, Call, CallStats, MarkEcho
-from .errors import (
+from .call.app import App
+from .call.call import AudioFrame, Call, CallStats, MarkEcho
+from .call.session import CallSession
+from .protocol.errors import (
     CallEnded,
     CallsockError,
     ConfigurationError,
@@ -22,11 +23,10 @@ from .errors import (
     UnsupportedData,
     UsageError,
 )
-from .protocol import StreamInfo, StreamProtocol
-from .server import CallServer
-from .session import CallSession
-from .settings import Settings
-from .tokens import stream_token
+from .protocol.stream import StreamInfo, StreamProtocol
+from .protocol.tokens import stream_token
+from .server.routes import CallServer
+from .server.settings import Settings
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from callsock.recording import publish, wav_header
+from callsock.recording.sinks import publish, wav_header
 
 from ..helpers import (
     FRAME,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from callsock.httpguard import MAX_HEAD_BYTES
+from callsock.server.httpguard import MAX_HEAD_BYTES
 
 from ..helpers import eventually, sid, stop, twilio_start
 from .harness import MIB, Outcome, Target, beside_a_good_call, target

@@ -1,0 +1,1 @@
+"""The ``callsock`` command line."""

@@ -1,0 +1,1 @@
+"""What a server shows of itself: Prometheus metrics and structured logs."""

@@ -1,0 +1,1 @@
+"""The client-side tools: simulate a call, benchmark a server, verify a deployment."""
