@@ -18,12 +18,14 @@ from typing import Any
 
 import aiohttp
 
-from callsock.call.app import App
 from callsock.protocol.g711 import ulaw_to_pcm16
+from callsock.server.app import App
 from callsock.server.routes import CallServer
 from callsock.server.settings import Settings
 
 ACCOUNT = "AC" + "0" * 32
+REPO = Path(__file__).resolve().parent.parent
+"""The repository's root (examples, deploy files)."""
 
 WAIT_SECONDS = 10.0
 """How long a test waits for something that should happen at once: far more than it takes on a

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from callsock import stream_token
-from callsock.server.signatures import signature_for
+from callsock.server.twilio import signature_for
 
 from ..helpers import StreamingCall, eventually, receive_close, sid, twilio_start
 from .harness import MIB, Outcome, Target, beside_a_good_call, target

@@ -13,11 +13,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from callsock.call.app import App
 from callsock.call.call import Call
 from callsock.call.handlers import MAX_QUEUED_EVENTS
-from callsock.call.session import MAX_AHEAD_SECONDS, MAX_DTMF_KEPT
+from callsock.call.session import MAX_DTMF_KEPT
 from callsock.protocol.messages import MAX_COUNTER_CHARS, MAX_MARK_CHARS, MAX_PARAMETERS
+from callsock.recording.recorder import MAX_AHEAD_SECONDS
+from callsock.server.app import App
 
 from ..helpers import (
     FRAME,

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from callsock.server.connection import MAX_ACTIVITY_EVENTS
+from callsock.cluster.link import MAX_ACTIVITY_EVENTS
 
 from ..helpers import eventually, mark, receive_close, sid, stop, twilio_start
 from ..processes import RedisServer

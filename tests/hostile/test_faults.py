@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from callsock.recording.sinks import publish, wav_header
+from callsock.recording.layout import Part, publish, wav_header
 
 from ..helpers import (
     FRAME,
@@ -183,6 +184,10 @@ async def test_one_bad_leftover_never_stops_recovery(tmp_path: Path) -> None:
     assert [r["connectionId"] for r in failed] == ["7ffffff0-1-2"] and bad.exists()
 
 
+def numbered(n: int, files: dict[str, str]) -> dict[str, Any]:
+    return {"n": n, "files": files}
+
+
 def test_file_names_for_a_repeated_sid_never_run_out(tmp_path: Path) -> None:
     """1,005 recordings of one streamSid: each gets the next free number, nothing is overwritten."""
     record_dir = tmp_path / "rec"
@@ -190,7 +195,9 @@ def test_file_names_for_a_repeated_sid_never_run_out(tmp_path: Path) -> None:
         partial = record_dir / ".partial" / f"c{n}"
         partial.mkdir(parents=True)
         (partial / "MZsame.inbound.wav").write_bytes(wav_header(0) + n.to_bytes(2, "little"))
-        publish(record_dir, partial, "MZsame", "CAsame", {"inbound": 2}, {"n": n})
+        wav = Part("inbound", "inbound.wav", path=partial / "MZsame.inbound.wav")
+        summary = Part("summary", "json", render=functools.partial(numbered, n))
+        publish(record_dir, "CAsame", "MZsame", [wav, summary])
     names = {p.name for p in (record_dir / "CAsame").iterdir()}
     assert len(names) == 2 * 1005 and "MZsame.1004.json" in names
     assert json.loads((record_dir / "CAsame" / "MZsame.1004.json").read_text())["n"] == 1004

@@ -26,6 +26,7 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import structlog
@@ -56,18 +57,23 @@ class _Kind(enum.Enum):
     STOP = "stop"
 
 
+@dataclass
 class Handlers:
-    """The application's handlers for each event, in registration order."""
+    """The application's handlers for each event, in registration order: the handler table."""
 
-    def __init__(self) -> None:
-        self.start: list[Callable[..., Any]] = []
-        self.audio: list[Callable[..., Any]] = []
-        self.dtmf: list[Callable[..., Any]] = []
-        self.mark: list[Callable[..., Any]] = []
-        self.stop: list[Callable[..., Any]] = []
+    start: list[Callable[..., Any]] = field(default_factory=list)
+    audio: list[Callable[..., Any]] = field(default_factory=list)
+    dtmf: list[Callable[..., Any]] = field(default_factory=list)
+    mark: list[Callable[..., Any]] = field(default_factory=list)
+    stop: list[Callable[..., Any]] = field(default_factory=list)
+
+    def extend(self, other: Handlers) -> None:
+        """Add ``other``'s handlers after these, event by event."""
+        for event in fields(self):
+            getattr(self, event.name).extend(getattr(other, event.name))
 
     def __bool__(self) -> bool:
-        return bool(self.start or self.audio or self.dtmf or self.mark or self.stop)
+        return any(getattr(self, event.name) for event in fields(self))
 
 
 class _Suspended:

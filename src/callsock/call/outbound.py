@@ -24,16 +24,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal, Protocol
 
 from ..protocol.errors import CallEnded
 from ..protocol.g711 import BYTES_PER_MS, SAMPLE_RATE
 from ..protocol.stream import StreamProtocol
 
-if TYPE_CHECKING:
-    from ..server.connection import Transport
-
-__all__ = ["FRAME_BYTES", "MarkOutcome", "Outbound"]
+__all__ = ["FRAME_BYTES", "MarkOutcome", "Outbound", "Sender"]
 
 MarkOutcome = Literal["played", "cleared"]
 
@@ -42,6 +39,20 @@ FRAME_BYTES: Final = 20 * BYTES_PER_MS
 
 _FRAME_SECONDS: Final = FRAME_BYTES / SAMPLE_RATE
 _CLEARED_ECHOES_KEPT: Final = 256
+
+
+class Sender(Protocol):
+    """Where a call's messages go: ordered writes, with backpressure (a server's transport)."""
+
+    def write(self, data: bytes) -> bool:
+        """Queue one text message (UTF-8), in order; True when the peer is not keeping up.
+
+        Raises:
+            CallEnded: the connection is closing or closed.
+        """
+
+    async def drain(self) -> None:
+        """Wait until the peer has read enough of what was written."""
 
 
 @dataclass(slots=True)
@@ -80,7 +91,7 @@ class Outbound:
     def __init__(
         self,
         protocol: StreamProtocol,
-        transport: Transport,
+        transport: Sender,
         record: Callable[[bytes, float | None], None],
         *,
         lead: float = 0.1,

@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from .. import __version__
-from ..call.app import App
 from ..observability.logs import configure_logging, get_logger
 from ..protocol.errors import ConfigurationError
+from ..server.app import App
 from ..server.routes import CallServer
 from ..server.settings import (
     SettingError,
@@ -696,7 +696,7 @@ def _check_simulation(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..server.signatures import signature_for
+    from ..server.twilio import signature_for
     from ..tools.bench import BenchConfig, run_bench
     from ..tools.terminal import BenchProgress, print_bench
 

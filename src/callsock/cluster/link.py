@@ -29,19 +29,26 @@ import secrets
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import RedisError
 
-from ..protocol.errors import ConfigurationError, Replaced
+from ..protocol.errors import ConfigurationError
+from ..protocol.stream import StreamInfo
 
-if TYPE_CHECKING:
-    from ..server.connection import Connection
-    from ..server.hub import CallService
-
-__all__ = ["ACTIVITY_STREAM", "EVENTS_STREAM", "LIFECYCLE_EVENTS", "Cluster", "redacted"]
+__all__ = [
+    "ACTIVITY_STREAM",
+    "EVENTS_STREAM",
+    "LIFECYCLE_EVENTS",
+    "MAX_ACTIVITY_EVENTS",
+    "Cluster",
+    "ClusterCall",
+    "ClusterHost",
+    "redacted",
+]
 
 EVENTS_STREAM: Final = "callsock:events"
 """Each call's lifecycle: ``started``, ``stopped``, ``recording-ready``."""
@@ -88,6 +95,46 @@ return 1
 """
 
 
+MAX_ACTIVITY_EVENTS: Final = 1000
+"""The most dtmf and mark events one call puts on the activity stream; more are counted."""
+ACTIVITY_EVENTS: Final = frozenset({"dtmf", "mark"})
+
+
+class ClusterCall(Protocol):
+    """What the cluster reads of a connection and its call (a ``Connection`` is one)."""
+
+    @property
+    def id(self) -> str:
+        """The connection's id."""
+
+    @property
+    def stream(self) -> StreamInfo | None:
+        """What ``start`` said."""
+
+    @property
+    def proven(self) -> bool:
+        """Whether its ``start`` carried the call's stream token."""
+
+
+class ClusterHost(Protocol):
+    """What the cluster needs of its server (a hub is one)."""
+
+    log: structlog.typing.FilteringBoundLogger
+
+    def connection_count(self) -> int:
+        """Connections open on this server now."""
+
+    def held_calls(self) -> list[tuple[str, str]]:
+        """The calls this server holds, as ``(call key, connection id)``."""
+
+    def replace(self, connection_id: str) -> bool:
+        """Close a connection another server's took over (4000); False if it is gone already."""
+
+
+def _outcome(summary: dict[str, Any]) -> dict[str, Any]:
+    return {key: summary[key] for key in ("endReason", "error", "durationMs")}
+
+
 def redacted(url: str) -> str:
     """The Redis URL without its password, fit for logs and error messages."""
     parts = urlsplit(url)
@@ -101,7 +148,7 @@ class Cluster:
     """One server's link to the others through Redis.
 
     Args:
-        service: the server's connections, registry and metrics.
+        host: the server's side: its calls, and replacing one (a hub is one).
         redis_url: where Redis is, e.g. ``redis://127.0.0.1:6379/0``.
         ttl: seconds a call's registration and a server's heartbeat last unless refreshed.
         events_maxlen: the length the events stream is capped at (approximately).
@@ -110,14 +157,14 @@ class Cluster:
 
     def __init__(
         self,
-        service: CallService,
+        host: ClusterHost,
         redis_url: str,
         *,
         ttl: float = 30.0,
         events_maxlen: int = 10_000,
         max_calls: int | None = None,
     ) -> None:
-        self.service = service
+        self.host = host
         self.redis_url = redis_url
         self.ttl = ttl
         self.events_maxlen = events_maxlen
@@ -141,7 +188,11 @@ class Cluster:
         self._events_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
-        self._log = service.log.bind(serverId=self.server_id)
+        self.redis_events = {"errors": 0, "recovered": 0}
+        """Redis outages and recoveries."""
+        self._activity: dict[str, int] = {}  # activity events sent, by connection id (the budget)
+        self._dropped: dict[str, int] = {}  # and those past it
+        self._log = host.log.bind(serverId=self.server_id)
 
     @property
     def channel(self) -> str:
@@ -184,18 +235,63 @@ class Cluster:
                 pass
             await self._redis.aclose()
 
-    # Hooks the connections call (synchronous; the Redis work happens in the background).
+    # The hub's observer (synchronous; the Redis work happens in the background).
 
-    def claimed(self, call_key: str, connection: Connection) -> None:
-        """A connection on this server started a call: register it, and replace any holder elsewhere."""
-        self._spawn(self._claim(call_key, connection.id))
+    def call_started(self, call: ClusterCall) -> None:
+        """A call started here: register it, and tell the lifecycle stream.
 
-    def released(self, call_key: str, connection: Connection) -> None:
-        """A connection on this server ended its call: unregister it (if it is still the holder)."""
-        self._spawn(self._release(call_key, connection.id))
+        Registering replaces any holder on another server, so only a start that proved its call
+        (its stream token) registers.
+        """
+        stream = call.stream
+        assert stream is not None
+        if call.proven:  # a start without its stream token may not take the call from another server
+            self._spawn(self._claim(stream.call_key, call.id))
+        self.event(
+            "started",
+            stream.call_sid,
+            stream.stream_sid,
+            dialect=stream.dialect,
+            tracks=list(stream.tracks),
+            customParameters=stream.custom_parameters,
+        )
 
-    def connection_closed(self) -> None:
+    def call_event(self, call: ClusterCall, kind: str, data: dict[str, Any]) -> None:
+        """``dtmf`` and ``mark`` go to the activity stream, ``MAX_ACTIVITY_EVENTS`` a call at most."""
+        stream = call.stream
+        if kind not in ACTIVITY_EVENTS or stream is None:
+            return
+        sent = self._activity.get(call.id, 0)
+        if sent == MAX_ACTIVITY_EVENTS:
+            self.events_dropped["budget"] += 1
+            self._dropped[call.id] = self._dropped.get(call.id, 0) + 1
+            return
+        self._activity[call.id] = sent + 1
+        self.event(kind, stream.call_sid, stream.stream_sid, **data)
+
+    def call_finished(self, call: ClusterCall, summary: dict[str, Any]) -> None:
+        """Unregister the call (if this connection still holds it) and tell the lifecycle stream."""
+        stream = call.stream
+        assert stream is not None
+        self._spawn(self._release(stream.call_key, call.id))
+        self.event(
+            "stopped",
+            stream.call_sid,
+            stream.stream_sid,
+            activityDropped=self._dropped.pop(call.id, 0),
+            **_outcome(summary),
+        )
+
+    def call_published(self, call: ClusterCall, summary: dict[str, Any], files: dict[str, str]) -> None:
+        """Tell the lifecycle stream where the recording is."""
+        stream = call.stream
+        assert stream is not None
+        self.event("recording-ready", stream.call_sid, stream.stream_sid, files=files, **_outcome(summary))
+
+    def connection_forgotten(self, call: ClusterCall) -> None:
         """A connection ended: with a cluster-wide limit, tell the others the new count soon."""
+        self._activity.pop(call.id, None)
+        self._dropped.pop(call.id, None)
         if self.max_calls is not None and not self._count_pending:
             self._count_pending = True
             self._spawn(self._publish_count())
@@ -227,7 +323,7 @@ class Cluster:
         # Connections being admitted concurrently count too, or a burst could overshoot.
         self._admitting += 1
         try:
-            own = len(self.service.connections) + self._admitting
+            own = self.host.connection_count() + self._admitting
             admitted = await self._redis.eval(
                 _ADMIT, 1, SERVERS_HASH, self.server_id, own, self.max_calls, time.time(), self.ttl
             )
@@ -296,11 +392,8 @@ class Cluster:
         except ValueError:
             return
         if message.get("type") == "replace":
-            connection = self.service.connections.get(str(message.get("connection")))
-            if connection is not None:
-                self.service.metrics.connections_replaced += 1
+            if self.host.replace(str(message.get("connection"))):
                 self._log.info("replaced by a connection on another server", callKey=message.get("callKey"))
-                connection.end("replaced", Replaced())
 
     async def _keep_alive(self) -> None:
         """Refresh this server's calls and heartbeat a few times per TTL; notice Redis coming back."""
@@ -334,7 +427,7 @@ class Cluster:
 
     async def _set_count(self) -> None:
         assert self._redis is not None
-        entry = json.dumps({"calls": len(self.service.connections), "expires": time.time() + self.ttl})
+        entry = json.dumps({"calls": self.host.connection_count(), "expires": time.time() + self.ttl})
         await self._redis.hset(SERVERS_HASH, self.server_id, entry)
 
     async def _heartbeat(self) -> None:
@@ -362,16 +455,11 @@ class Cluster:
         await self._heartbeat()
         self.connected = True
         self._events_ready.set()  # send what was buffered during the outage
-        self.service.metrics.count("redis", "recovered")
+        self.redis_events["recovered"] += 1
         self._log.warning("redis reachable again; calls registered again", calls=len(self._held()))
 
     def _held(self) -> list[tuple[str, str]]:
-        calls = []
-        for connection in self.service.connections.values():
-            stream = connection.session.stream
-            if stream is not None and self.service.registry.holder(stream.call_key) is connection:
-                calls.append((stream.call_key, connection.id))
-        return calls
+        return self.host.held_calls()
 
     async def _publish_events(self) -> None:
         while True:
@@ -404,7 +492,7 @@ class Cluster:
 
     def _lost(self, exc: BaseException) -> None:
         self.errors += 1
-        self.service.metrics.count("redis", "errors")
+        self.redis_events["errors"] += 1
         if self.connected:
             self.connected = False
             self._log.error("redis unreachable; serving with the local registry", exc=str(exc))

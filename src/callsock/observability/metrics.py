@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Final
+from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -24,9 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
-if TYPE_CHECKING:
-    from ..cluster.link import Cluster
-    from ..server.connection import Connection
+from ..call.session import CallCounters
+from ..protocol.stream import StreamInfo
 
 __all__ = ["CONTENT_TYPE", "LABEL_VALUES", "OTHER", "PROCESSING_BUCKETS", "ServerMetrics"]
 
@@ -40,7 +39,6 @@ LABEL_VALUES: Final[dict[str, frozenset[str]]] = {
     # post anything, and each new label value would be a new time series kept for ever.
     "stream_status": frozenset({"stream-started", "stream-stopped", "stream-error"}),
     "signature_rejections": frozenset({"webhook", "websocket", "status-callback"}),
-    "redis": frozenset({"errors", "recovered"}),
     "http_rejections": frozenset(
         {
             "request-timeout",
@@ -74,15 +72,51 @@ PROCESSING_BUCKETS: Final = (
 """Upper bounds, in seconds, of the per-message processing-time histogram."""
 
 
+class Figures(Protocol):
+    """What the metrics read of a connection (a ``Connection`` is one)."""
+
+    @property
+    def stream(self) -> StreamInfo | None:
+        """What ``start`` said, once it arrived."""
+
+    @property
+    def counters(self) -> CallCounters:
+        """What the call received."""
+
+    def sent(self) -> dict[str, int]:
+        """What the call sent, by event, and ``bytes`` of audio."""
+
+    def dropped_frames(self) -> int:
+        """Audio frames dropped because the handlers fell behind."""
+
+
+class ClusterFigures(Protocol):
+    """What the metrics read of a cluster link (a ``Cluster`` is one)."""
+
+    connected: bool
+    events_dropped: dict[str, int]
+    redis_events: dict[str, int]
+
+    def state(self) -> dict[str, Any]:
+        """The cluster's state as ``/health`` shows it."""
+
+
 class ServerMetrics:
     """The counters of one server, exposed in the Prometheus text format.
 
+    It follows calls as an observer of the hub (:mod:`callsock.server.observers`): a call's own
+    counters are summed with the live ones at scrape time, and folded into the totals when its
+    connection is forgotten.
+
     Args:
         active: returns the connections open now.
+        cluster: returns the cluster link, if the server has one.
     """
 
     def __init__(
-        self, active: Callable[[], Iterable[Connection]], cluster: Callable[[], Cluster | None] = lambda: None
+        self,
+        active: Callable[[], Iterable[Figures]],
+        cluster: Callable[[], ClusterFigures | None] = lambda: None,
     ) -> None:
         self.connections_opened = 0
         self.connections_replaced = 0
@@ -123,24 +157,40 @@ class ServerMetrics:
         family[label] = family.get(label, 0) + 1
 
     def count_error(self, rule: str) -> None:
-        """Count one rejected message or connection, by the rule it broke."""
+        """Count one rejected message or connection, by the rule it broke (rules are callsock's own)."""
         self.errors[rule] = self.errors.get(rule, 0) + 1
 
-    def call_ended(self, reason: str) -> None:
+    # The hub's observer.
+
+    def call_started(self, call: Figures) -> None:
+        """Nothing to count: live calls are read at scrape time."""
+
+    def call_event(self, call: Figures, kind: str, data: dict[str, Any]) -> None:
+        """Count errors by rule, and replacements."""
+        if kind == "error":
+            self.count_error(data["rule"])
+        elif kind == "replaced":
+            self.connections_replaced += 1
+
+    def call_finished(self, call: Figures, summary: dict[str, Any]) -> None:
         """Count a call that ended, by its end reason."""
+        reason = summary["endReason"]
         self.calls_finished[reason] = self.calls_finished.get(reason, 0) + 1
 
-    def connection_forgotten(self, connection: Connection) -> None:
+    def call_published(self, call: Figures, summary: dict[str, Any], files: dict[str, str]) -> None:
+        """Nothing to count."""
+
+    def connection_forgotten(self, call: Figures) -> None:
         """Fold a connection's counters into the totals as it leaves the active set.
 
-        Call it once per connection, in the same step that removes it from what ``active``
+        The hub calls it in the same step that removes the connection from what ``active``
         returns: counted twice or not at all for a moment, a counter would go backwards.
         """
-        session = connection.session
-        _add(self.finished_outbound, _outbound_counts(connection))
-        self.finished_outbound_bytes += connection.outbound.bytes_sent if connection.outbound else 0
-        self.finished_dropped_frames += connection.runner.dropped_frames if connection.runner else 0
-        counters = session.counters
+        sent = call.sent()
+        _add(self.finished_outbound, _messages(sent))
+        self.finished_outbound_bytes += sent.get("bytes", 0)
+        self.finished_dropped_frames += call.dropped_frames()
+        counters = call.counters
         _add(self.finished_messages, counters.messages)
         self.finished_received_bytes += counters.received_bytes
         self.finished_media_bytes += counters.media_bytes
@@ -149,7 +199,7 @@ class ServerMetrics:
         """Return the metrics in the Prometheus text exposition format."""
         return generate_latest(self.registry)
 
-    def active(self) -> list[Connection]:
+    def active(self) -> list[Figures]:
         """Return the connections open now."""
         return list(self._active())
 
@@ -167,14 +217,15 @@ class _Collector:
         outbound = dict(m.finished_outbound)
         outbound_bytes = m.finished_outbound_bytes
         dropped = m.finished_dropped_frames
-        for connection in active:
-            counters = connection.session.counters
+        for call in active:
+            counters = call.counters
             _add(messages, counters.messages)
             received += counters.received_bytes
             media += counters.media_bytes
-            _add(outbound, _outbound_counts(connection))
-            outbound_bytes += connection.outbound.bytes_sent if connection.outbound else 0
-            dropped += connection.runner.dropped_frames if connection.runner else 0
+            sent = call.sent()
+            _add(outbound, _messages(sent))
+            outbound_bytes += sent.get("bytes", 0)
+            dropped += call.dropped_frames()
 
         yield _counter("messages", "Messages processed, by event.", "event", messages)
         yield _counter("received_bytes", "Bytes of WebSocket text received.", value=received)
@@ -223,7 +274,7 @@ class _Collector:
         gauge.add_metric([], len(active))
         yield gauge
         calls = GaugeMetricFamily("callsock_calls_active", "Open connections that have started a stream.")
-        calls.add_metric([], sum(1 for c in active if c.session.stream is not None))
+        calls.add_metric([], sum(1 for call in active if call.stream is not None))
         yield calls
         yield _histogram(m)
 
@@ -232,7 +283,7 @@ def _cluster_metrics(m: ServerMetrics) -> Iterator[Metric]:
     cluster = m._cluster()
     if cluster is None:
         return
-    yield _counter("redis_events", "Redis outages (errors) and recoveries.", "event", m.labelled["redis"])
+    yield _counter("redis_events", "Redis outages (errors) and recoveries.", "event", cluster.redis_events)
     state = cluster.state()
     for name, documentation, value in (
         ("redis_connected", "1 while Redis answers, 0 during an outage.", int(cluster.connected)),
@@ -255,11 +306,9 @@ def _cluster_metrics(m: ServerMetrics) -> Iterator[Metric]:
     )
 
 
-def _outbound_counts(connection: Connection) -> dict[str, int]:
-    out = connection.outbound
-    if out is None:
-        return {}
-    return {"media": out.media_sent, "mark": out.marks_sent, "clear": out.clears_sent}
+def _messages(sent: dict[str, int]) -> dict[str, int]:
+    """The message counts of what a call sent (its ``bytes`` aside)."""
+    return {event: count for event, count in sent.items() if event != "bytes"}
 
 
 def _add(totals: dict[str, int], counts: dict[str, int]) -> None:

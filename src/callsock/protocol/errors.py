@@ -11,6 +11,7 @@ The hierarchy::
     │   └── FramingError          1002: a WebSocket frame RFC 6455 forbids
     ├── IdleTimeout               1008: nothing received (or no start) for too long
     ├── CallTooLong               1008: the call outlasted --max-call-seconds
+    ├── ShuttingDown              1001: the server is stopping
     ├── ServerBusy                1013: the server is at its call limit
     ├── Replaced                  4000: a newer connection took over the call
     ├── HandlerFailed             1011: an application handler raised; the call ends
@@ -26,6 +27,8 @@ carry call audio). Close reasons are short and never contain peer data.
 
 from __future__ import annotations
 
+from .codes import CloseCode
+
 __all__ = [
     "CallEnded",
     "CallTooLong",
@@ -40,22 +43,11 @@ __all__ = [
     "PolicyViolation",
     "Replaced",
     "ServerBusy",
+    "ShuttingDown",
     "StreamError",
     "UnsupportedData",
     "UsageError",
 ]
-
-# The WebSocket close codes callsock uses (RFC 6455 section 7.4.1, plus one private code).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_INVALID_DATA = 1007
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_MESSAGE_TOO_BIG = 1009
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_REPLACED = 4000
 
 # RFC 6455 section 5.5: a control frame payload is at most 125 bytes, 2 of them the code.
 _MAX_REASON_BYTES = 123
@@ -64,7 +56,7 @@ _MAX_REASON_BYTES = 123
 class CallsockError(Exception):
     """Base class of every error callsock raises on purpose."""
 
-    close_code: int = CLOSE_INTERNAL_ERROR
+    close_code: CloseCode = CloseCode.INTERNAL_ERROR
     """The WebSocket close code a connection ends with when this error ends it."""
 
     rule: str = "internal"
@@ -98,44 +90,44 @@ class StreamError(CallsockError):
 class InvalidMessage(StreamError):
     """A message is not JSON, does not match the schema, or carries an invalid value."""
 
-    close_code = CLOSE_INVALID_DATA
+    close_code = CloseCode.INVALID_DATA
 
 
 class UnsupportedData(StreamError):
     """A binary frame arrived; Media Streams messages are JSON text frames."""
 
-    close_code = CLOSE_UNSUPPORTED_DATA
+    close_code = CloseCode.UNSUPPORTED_DATA
 
 
 class PolicyViolation(StreamError):
     """A well-formed message arrived out of order or for another stream."""
 
-    close_code = CLOSE_POLICY_VIOLATION
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class MessageTooBig(StreamError):
     """A frame exceeded the configured maximum message size."""
 
-    close_code = CLOSE_MESSAGE_TOO_BIG
+    close_code = CloseCode.MESSAGE_TOO_BIG
 
 
 class FramingError(StreamError):
     """The WebSocket framing itself is broken (unmasked, reserved bits, bad opcode...)."""
 
-    close_code = CLOSE_PROTOCOL_ERROR
+    close_code = CloseCode.PROTOCOL_ERROR
 
 
 class IdleTimeout(CallsockError):
     """The connection sent nothing (or no ``start``) for too long; it is closed (1008)."""
 
-    close_code = CLOSE_POLICY_VIOLATION
+    close_code = CloseCode.POLICY_VIOLATION
     rule = "idle-timeout"
 
 
 class CallTooLong(CallsockError):
     """The call lasted longer than ``--max-call-seconds``; it is ended (1008)."""
 
-    close_code = CLOSE_POLICY_VIOLATION
+    close_code = CloseCode.POLICY_VIOLATION
     rule = "max-duration"
 
     def __init__(self, limit: float) -> None:
@@ -143,10 +135,19 @@ class CallTooLong(CallsockError):
         super().__init__(f"call longer than {limit:g} s")
 
 
+class ShuttingDown(CallsockError):
+    """The server is stopping; open calls are closed with 1001."""
+
+    close_code = CloseCode.GOING_AWAY
+
+    def __init__(self) -> None:
+        super().__init__("server shutting down")
+
+
 class ServerBusy(CallsockError):
     """The server already carries its maximum number of calls."""
 
-    close_code = CLOSE_TRY_AGAIN_LATER
+    close_code = CloseCode.TRY_AGAIN_LATER
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -156,7 +157,7 @@ class ServerBusy(CallsockError):
 class Replaced(CallsockError):
     """A newer connection for the same call took over; this one is closed."""
 
-    close_code = CLOSE_REPLACED
+    close_code = CloseCode.REPLACED
 
     def __init__(self) -> None:
         super().__init__("replaced by a newer connection for the same call")

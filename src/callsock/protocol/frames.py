@@ -21,6 +21,8 @@ import hashlib
 import struct
 from typing import Final
 
+from .codes import CloseCode
+
 __all__ = [
     "OP_BINARY",
     "OP_CLOSE",
@@ -48,10 +50,6 @@ _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 _U16: Final = struct.Struct(">H")
 _U64: Final = struct.Struct(">Q")
 
-CLOSE_PROTOCOL_ERROR: Final = 1002
-CLOSE_INVALID_DATA: Final = 1007
-CLOSE_POLICY_VIOLATION: Final = 1008
-CLOSE_TOO_BIG: Final = 1009
 
 MIN_FRAGMENTS: Final = 1024
 """The most frames one message may come in is this, or one per 64 bytes of the size limit if that
@@ -106,14 +104,14 @@ def parse_close(payload: bytes | bytearray) -> tuple[int | None, str]:
     if not payload:
         return None, ""
     if len(payload) == 1:
-        raise FrameError(CLOSE_PROTOCOL_ERROR, "close frame with a one-byte payload")
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "close frame with a one-byte payload")
     code: int = _U16.unpack_from(payload)[0]
     if not _sendable_close_code(code):
-        raise FrameError(CLOSE_PROTOCOL_ERROR, f"close code {code} may not be sent (section 7.4)")
+        raise FrameError(CloseCode.PROTOCOL_ERROR, f"close code {code} may not be sent (section 7.4)")
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
-        raise FrameError(CLOSE_INVALID_DATA, "close reason is not UTF-8", "close-frame") from None
+        raise FrameError(CloseCode.INVALID_DATA, "close reason is not UTF-8", "close-frame") from None
     return code, reason
 
 
@@ -203,16 +201,17 @@ class FrameReader:
 
     def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
         if first & 0x70:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "reserved bits set without an extension")
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
         if not second & 0x80:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "client frame not masked")
         if opcode in _CONTROL_OPCODES:
             if length > 125 or not first & 0x80:
-                raise FrameError(CLOSE_PROTOCOL_ERROR, "control frame fragmented or over 125 bytes")
+                raise FrameError(CloseCode.PROTOCOL_ERROR, "control frame fragmented or over 125 bytes")
         elif opcode not in _DATA_OPCODES:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            raise FrameError(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode}")
         elif self._fragment_bytes + length > self.max_message_bytes:
-            raise FrameError(CLOSE_TOO_BIG, f"message over {self.max_message_bytes} bytes", "message-too-big")
+            detail = f"message over {self.max_message_bytes} bytes"
+            raise FrameError(CloseCode.MESSAGE_TOO_BIG, detail, "message-too-big")
 
     def _fragment(
         self, fin: int, opcode: int, payload: bytes | bytearray, messages: list[tuple[int, bytes | bytearray]]
@@ -222,19 +221,19 @@ class FrameReader:
             return
         if opcode == OP_CONTINUATION:
             if not self._fragments:
-                raise FrameError(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
+                raise FrameError(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
         elif self._fragments:
-            raise FrameError(CLOSE_PROTOCOL_ERROR, "new message before the last one finished")
+            raise FrameError(CloseCode.PROTOCOL_ERROR, "new message before the last one finished")
         else:
             self._fragment_opcode = opcode
         if len(self._fragments) == self.max_fragments:
             detail = f"message in over {self.max_fragments} frames"
-            raise FrameError(CLOSE_POLICY_VIOLATION, detail, "fragments")
+            raise FrameError(CloseCode.POLICY_VIOLATION, detail, "fragments")
         if self._fragment_opcode == OP_TEXT:  # fail as soon as a fragment cannot be UTF-8 (8.1)
             try:
                 self._utf8.decode(payload, final=bool(fin))
             except UnicodeDecodeError:
-                raise FrameError(CLOSE_INVALID_DATA, "text message is not UTF-8", "invalid-utf8") from None
+                raise _not_utf8() from None
         self._fragments.append(payload)
         self._fragment_bytes += len(payload)
         if fin:
@@ -249,7 +248,11 @@ def _check_utf8(payload: bytes | bytearray) -> None:
     try:
         payload.decode()
     except UnicodeDecodeError:
-        raise FrameError(CLOSE_INVALID_DATA, "text message is not UTF-8", "invalid-utf8") from None
+        raise _not_utf8() from None
+
+
+def _not_utf8() -> FrameError:
+    return FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8", "invalid-utf8")
 
 
 def _frame_size(data: bytearray) -> int:

@@ -51,6 +51,7 @@ __all__ = [
     "Stop",
     "StopBody",
     "decoder",
+    "event_name",
 ]
 
 
@@ -188,6 +189,12 @@ class Stop(Inbound, tag="stop"):
 
 
 InboundMessage = Connected | Start | Media | Dtmf | Mark | Stop
+
+
+def event_name(message: Inbound) -> str:
+    """A message's ``event``, as the wire spells it (its tag): for counters and logs."""
+    tag: str = message.__struct_config__.tag  # type: ignore[assignment]
+    return tag
 
 
 def decoder() -> msgspec.json.Decoder[InboundMessage]:

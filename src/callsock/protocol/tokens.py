@@ -17,19 +17,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from .errors import PolicyViolation
 from .messages import STREAM_TOKEN_PARAMETER
 
-if TYPE_CHECKING:
-    from ..server.settings import Settings
-    from .stream import StreamInfo
+__all__ = ["STREAM_TOKEN_PARAMETER", "TOKEN_FIELD", "stream_token", "token_matches"]
 
-__all__ = ["STREAM_TOKEN_PARAMETER", "cannot_replace", "proves_call", "stream_token", "token_matches"]
-
-
-_FIELD: Final = f"start.customParameters.{STREAM_TOKEN_PARAMETER}"
+TOKEN_FIELD: Final = f"start.customParameters.{STREAM_TOKEN_PARAMETER}"
+"""Where a ``start`` carries its stream token, as an error's ``field`` names it."""
 
 _DOMAIN: Final = b"callsock stream token v1\n"
 
@@ -55,34 +50,3 @@ def stream_token(auth_token: str, call_sid: str) -> str:
 def token_matches(auth_token: str, call_sid: str, token: str) -> bool:
     """Whether ``token`` is the stream token of ``call_sid`` (compared in constant time)."""
     return hmac.compare_digest(stream_token(auth_token, call_sid).encode(), token.encode())
-
-
-def proves_call(settings: Settings, stream: StreamInfo) -> bool:
-    """Whether a ``start`` proves the call it names, so that it may take the call over.
-
-    Without an auth token there is nothing to prove against: every start may, as before stream
-    tokens. With one, a start carrying the call's token proves it; a start with no token is
-    accepted but may not replace a live connection (unless ``--require-signature`` makes the
-    token mandatory). A seed-dialect start without a callSid has nothing a token could cover.
-
-    Raises:
-        PolicyViolation: rule ``stream-token``: the token is wrong, has no callSid to match, or
-            is missing under ``--require-signature``.
-    """
-    if not settings.auth_token:
-        return True
-    token = stream.stream_token
-    if token is None:
-        if settings.require_signature:
-            raise PolicyViolation("stream-token", _FIELD, "no stream token (--require-signature)")
-        return False
-    if stream.call_sid is None:
-        raise PolicyViolation("stream-token", "start.callSid", "a stream token needs a callSid")
-    if not token_matches(settings.auth_token, stream.call_sid, token):
-        raise PolicyViolation("stream-token", _FIELD, "stream token does not match the callSid")
-    return True
-
-
-def cannot_replace() -> PolicyViolation:
-    """The refusal of a start without the call's token, for a call another connection holds."""
-    return PolicyViolation("stream-token", _FIELD, "only the call's stream token may replace its connection")

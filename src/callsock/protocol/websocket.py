@@ -22,8 +22,8 @@ The closing handshake (RFC 6455 section 7):
 from __future__ import annotations
 
 import enum
-from typing import Final
 
+from .codes import CloseCode
 from .frames import (
     OP_CLOSE,
     OP_PING,
@@ -37,8 +37,6 @@ from .frames import (
 )
 
 __all__ = ["ServerWebSocket", "WebSocketState"]
-
-CLOSE_NORMAL: Final = 1000
 
 
 class WebSocketState(enum.Enum):
@@ -114,7 +112,7 @@ class ServerWebSocket:
         self._outgoing.append(frame)
         self.outgoing_bytes += len(frame)
 
-    def send_close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+    def send_close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Queue the close frame (once); TCP is to be closed when the peer's has arrived too."""
         if self.close_sent:
             return

@@ -24,11 +24,9 @@ from typing import Any
 from ..protocol.g711 import SAMPLE_RATE, SAMPLE_WIDTH
 from ..protocol.stream import call_key
 from .instance import INSTANCES_DIR, instance_of, is_held
-from .sinks import PARTIAL_DIR, publish
+from .layout import HEADER_BYTES, PARTIAL_DIR, Part, discard_partial, publish, wav_header
 
 __all__ = ["Recovered", "leftovers", "recover"]
-
-_HEADER_BYTES = 44
 
 
 @dataclass
@@ -104,7 +102,7 @@ def _recover_one(record_dir: Path, directory: Path) -> Recovered:
         p.name[len(stream_sid) + 1 : -len(".wav")]: p for p in wavs if p.name.startswith(stream_sid + ".")
     }
     # A write cut short by the kill may end mid-sample: keep whole samples only.
-    sizes = {track: max(path.stat().st_size - _HEADER_BYTES, 0) // SAMPLE_WIDTH * SAMPLE_WIDTH
+    sizes = {track: max(path.stat().st_size - HEADER_BYTES, 0) // SAMPLE_WIDTH * SAMPLE_WIDTH
              for track, path in tracks.items()}  # fmt: skip
     ended = max(path.stat().st_mtime for path in tracks.values())
     seconds = max(sizes.values()) / SAMPLE_WIDTH / SAMPLE_RATE
@@ -121,14 +119,20 @@ def _recover_one(record_dir: Path, directory: Path) -> Recovered:
     }
     result.stream_sid, result.call_sid = stream_sid, meta.get("callSid")
     result.seconds = round(seconds, 3)
-    key = call_key(meta.get("callSid"), stream_sid)
-    result.files = publish(record_dir, directory, stream_sid, key, sizes, summary)
+    for track, path in tracks.items():
+        with path.open("r+b") as f:
+            f.truncate(HEADER_BYTES + sizes[track])
+            f.write(wav_header(sizes[track]))
+    parts = [Part(track, f"{track}.wav", path=path) for track, path in tracks.items()]
+    parts.append(Part("summary", "json", render=lambda files: {**summary, "files": files}))
+    result.files = publish(record_dir, call_key(meta.get("callSid"), stream_sid), stream_sid, parts)
+    discard_partial(directory)  # the journal
     return result
 
 
 def _meta(directory: Path) -> dict[str, Any]:
     for path in directory.glob("*.json"):
-        if not path.name.endswith(".final.json"):
+        if not path.name.startswith("."):
             try:
                 data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):

@@ -18,18 +18,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from ..observability.logs import configure_logging
 from ..protocol.errors import CallEnded, ConfigurationError, ServerBusy
 from .connection import Connection
-from .hub import CallService
+from .hub import Application, Hub
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from ..call.app import App
 
 __all__ = ["ASGIAdapter"]
 
@@ -111,7 +108,7 @@ class _ASGITransport:
 
 
 class ASGIAdapter:
-    """An ASGI application serving Media Streams with an :class:`~callsock.app.App`'s handlers.
+    """An ASGI application serving Media Streams with an :class:`~callsock.server.app.App`'s handlers.
 
     Args:
         app: the handlers to run for each call.
@@ -124,7 +121,7 @@ class ASGIAdapter:
         ConfigurationError: ``settings.redis_url`` is set; clustering needs ``callsock serve``.
     """
 
-    def __init__(self, app: App, settings: Settings) -> None:
+    def __init__(self, app: Application, settings: Settings) -> None:
         if settings.redis_url:
             # The cluster's background tasks live with CallServer's start and stop; an ASGI host
             # application has no such hook for us that every server honours.
@@ -133,8 +130,8 @@ class ASGIAdapter:
             )
         if not structlog.is_configured():  # the host application's own configuration wins
             configure_logging(settings.log_level, settings.log_format)
-        self.service = CallService(settings, app)
-        self.service.warn_if_unsigned()
+        self.hub = Hub(settings, app)
+        self.hub.warn_if_unsigned()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI connection: a WebSocket stream, an HTTP request, or lifespan events."""
@@ -148,14 +145,14 @@ class ASGIAdapter:
 
     def shutdown(self) -> None:
         """Close every call with 1001 (endReason ``shutdown``); call from the host's shutdown."""
-        self.service.shut_down()
+        self.hub.shut_down()
 
     async def _websocket(self, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
         await send({"type": "websocket.accept"})
         transport = _ASGITransport(send)
-        connection = self.service.admit(transport)
+        connection = self.hub.admit(transport)
         if isinstance(connection, ServerBusy):
             transport.close(connection.close_code, connection.close_reason)
             await transport.flush()
@@ -163,7 +160,7 @@ class ASGIAdapter:
         try:
             await _read(receive, connection)
         finally:
-            self.service.forget(connection)
+            self.hub.forget(connection)
             await transport.flush()
         await connection.wait_handlers()
 

@@ -30,14 +30,14 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..call.app import App
 from ..observability.logs import clip, http_logger
 from ..observability.metrics import CONTENT_TYPE
 from ..protocol.errors import ServerBusy
 from ..recording.recover import leftovers
+from .app import App
 from .connection import Connection
 from .httpguard import MAX_BODY_BYTES, HttpGuard
-from .hub import CallService
+from .hub import Hub
 from .settings import Settings, load_secrets
 from .transport import accept, check_upgrade
 from .twilio import BadForm, BadHost, form_params, is_local, is_signed, stream_url, twiml
@@ -46,7 +46,7 @@ __all__ = ["CallServer"]
 
 
 class CallServer:
-    """A callsock server: an aiohttp application around a :class:`~callsock.service.CallService`.
+    """A callsock server: an aiohttp application around a :class:`~callsock.service.Hub`.
 
     Args:
         settings: what to serve and how; secrets named by file (``auth_token_file``...) are read.
@@ -59,13 +59,13 @@ class CallServer:
     def __init__(self, settings: Settings, app: App | None = None) -> None:
         settings = load_secrets(settings)
         self.settings = settings
-        self.service = CallService(settings, app)
+        self.hub = Hub(settings, app)
         self.guard = HttpGuard(
             request_timeout=settings.request_timeout,
             max_connections=settings.max_http_connections,
-            metrics=self.service.metrics,
+            metrics=self.hub.metrics,
         )
-        self.service.metrics.http_connections = self.guard.__len__
+        self.hub.metrics.http_connections = self.guard.__len__
         self.runner: web.AppRunner | None = None
         self.listener: asyncio.Server | None = None
         self.port: int | None = None
@@ -73,7 +73,7 @@ class CallServer:
     @property
     def connections(self) -> dict[str, Connection]:
         """The open connections, by connection id."""
-        return self.service.connections
+        return self.hub.connections
 
     def build_app(self) -> web.Application:
         """Return the aiohttp application with every route."""
@@ -90,14 +90,14 @@ class CallServer:
     async def start(self) -> None:
         """Listen on the configured host and port; :attr:`port` tells the port bound."""
         settings = self.settings
-        if self.service.cluster is not None:
-            await self.service.cluster.start()
+        if self.hub.cluster is not None:
+            await self.hub.cluster.start()
         self.runner = web.AppRunner(self.build_app(), handle_signals=False)
         await self.runner.setup()
         assert self.runner.server is not None
         self.listener = await self._listen(self.runner.server)
         self.port = int(self.listener.sockets[0].getsockname()[1])
-        self.service.log.info(
+        self.hub.log.info(
             "listening",
             host=settings.host,
             port=self.port,
@@ -107,12 +107,12 @@ class CallServer:
         )
         stranded = leftovers(settings.record_dir) if settings.record else []
         if stranded:
-            self.service.log.warning(
+            self.hub.log.warning(
                 "recordings left unfinished by a server that stopped unexpectedly; "
                 f"run: callsock recover {settings.record_dir}",
                 calls=len(stranded),
             )
-        self.service.warn_if_unsigned()
+        self.hub.warn_if_unsigned()
 
     async def _listen(self, server: web.Server) -> asyncio.Server:
         """Listen with aiohttp's protocol, each connection watched by the guard (see httpguard)."""
@@ -143,31 +143,31 @@ class CallServer:
         ``hurry`` is set); the rest are closed with 1001; every recording is written; then the
         server stops listening.
         """
-        await self.service.drain(drain, hurry)
-        self.service.shut_down()
-        await self.service.wait_closed(self.settings.close_timeout + 10.0)
-        if self.service.cluster is not None:
-            await self.service.cluster.stop()
+        await self.hub.drain(drain, hurry)
+        self.hub.shut_down()
+        await self.hub.wait_closed(self.settings.close_timeout + 10.0)
+        if self.hub.cluster is not None:
+            await self.hub.cluster.stop()
         if self.listener is not None:
             self.listener.close()  # no new connections; aiohttp closes the open ones
         if self.runner is not None:
             await self.runner.cleanup()
         self.guard.close()
-        self.service.log.info("stopped")
+        self.hub.log.info("stopped")
 
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
         """Serve the Media Streams WebSocket; answer 426 to a plain GET."""
-        if self.service.debug:
+        if self.hub.shared.debug:
             self._log_upgrade(request)
         refusal = check_upgrade(request)
         if refusal is not None:
             return refusal
-        if self.service.draining:
+        if self.hub.draining:
             return web.Response(status=503, text="503 Service Unavailable: the server is shutting down.\n")
         if self.settings.auth_token and not is_signed(request, self.settings, "websocket"):
             return self._unsigned(request, "websocket")
         self.guard.release(request)  # a WebSocket from here on: --max-calls limits it
-        cluster = self.service.cluster
+        cluster = self.hub.cluster
         # Asked before the 101: once it is sent, the peer's bytes may arrive at any moment.
         cluster_full = cluster is not None and not await cluster.admit()
         settings = self.settings
@@ -182,14 +182,14 @@ class CallServer:
             return response
         if cluster is not None and cluster_full:
             full = ServerBusy(cluster.max_calls or 0)
-            self.service.metrics.connections_refused += 1
-            self.service.log.warning(
+            self.hub.metrics.connections_refused += 1
+            self.hub.log.warning(
                 "connection refused: cluster at --cluster-max-calls", closeCode=full.close_code
             )
             stream.close(full.close_code, "cluster at capacity")
             await stream.done
             return response
-        admitted = self.service.admit(stream)
+        admitted = self.hub.admit(stream)
         if isinstance(admitted, ServerBusy):
             stream.close(admitted.close_code, admitted.close_reason)
             await stream.done
@@ -198,7 +198,7 @@ class CallServer:
         try:
             await stream.done
         finally:
-            self.service.forget(admitted)
+            self.hub.forget(admitted)
         await admitted.wait_handlers()
         return response
 
@@ -213,7 +213,7 @@ class CallServer:
         try:
             url = stream_url(request, self.settings)
         except BadHost:
-            self.service.metrics.count("http_rejections", "bad-host")
+            self.hub.metrics.count("http_rejections", "bad-host")
             raise web.HTTPBadRequest(
                 text="400 Bad Request: the request's host is not a host[:port]; set --public-url.\n"
             ) from None
@@ -222,7 +222,7 @@ class CallServer:
         if self.settings.auth_token and not is_signed(request, self.settings, "webhook", signed):
             return self._unsigned(request, "webhook")
         call_sid = params.get("CallSid")
-        self.service.log.info("twiml served", callSid=clip(call_sid), streamUrl=clip(url))
+        self.hub.log.info("twiml served", callSid=clip(call_sid), streamUrl=clip(url))
         return web.Response(text=twiml(self.settings, url, call_sid), content_type="text/xml")
 
     async def handle_stream_status(self, request: web.Request) -> web.Response:
@@ -231,8 +231,8 @@ class CallServer:
         if self.settings.auth_token and not is_signed(request, self.settings, "webhook", params):
             return self._unsigned(request, "status-callback")
         event = params.get("StreamEvent", "")
-        self.service.metrics.count("stream_status", event)  # anything unknown counts as "other"
-        log = self.service.log.error if event == "stream-error" else self.service.log.info
+        self.hub.metrics.count("stream_status", event)  # anything unknown counts as "other"
+        log = self.hub.log.error if event == "stream-error" else self.hub.log.info
         log(
             "stream status",
             streamEvent=clip(event),
@@ -248,15 +248,15 @@ class CallServer:
         try:
             return await form_params(request)
         except BadForm as exc:
-            self.service.metrics.count("http_rejections", "bad-form")
+            self.hub.metrics.count("http_rejections", "bad-form")
             raise web.HTTPBadRequest(
                 text=f"400 Bad Request: {exc}; Twilio sends an application/x-www-form-urlencoded form.\n"
             ) from None
 
     def _unsigned(self, request: web.Request, route: str) -> web.Response:
         present = "X-Twilio-Signature" in request.headers
-        self.service.metrics.count("signature_rejections", route)
-        self.service.log.warning(
+        self.hub.metrics.count("signature_rejections", route)
+        self.hub.log.warning(
             "request refused: Twilio signature " + ("invalid" if present else "missing"),
             route=route,
             path=clip(request.path),
@@ -266,7 +266,7 @@ class CallServer:
 
     async def handle_health(self, request: web.Request) -> web.Response:
         """Report liveness and load; 503 while draining, so load balancers stop sending calls."""
-        return _json(self.service.health(), status=503 if self.service.draining else 200)
+        return _json(self.hub.health(), status=503 if self.hub.draining else 200)
 
     async def handle_calls(self, request: web.Request) -> web.Response:
         """List the open connections and their calls (live callSids: not for everyone).
@@ -277,9 +277,9 @@ class CallServer:
         """
         refusal = self._admin_refusal(request)
         if refusal is not None:
-            self.service.metrics.count("http_rejections", "unauthorized")
+            self.hub.metrics.count("http_rejections", "unauthorized")
             return refusal
-        return _json(self.service.calls())
+        return _json(self.hub.calls())
 
     def _admin_refusal(self, request: web.Request) -> web.Response | None:
         admin_token = self.settings.admin_token
@@ -302,11 +302,11 @@ class CallServer:
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """Expose the metrics in the Prometheus text format."""
-        return web.Response(body=self.service.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self.hub.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     def _log_upgrade(self, request: web.Request) -> None:
         headers = request.headers
-        self.service.log.debug(
+        self.hub.log.debug(
             "upgrade",
             upgrade=clip(headers.get("Upgrade")),
             connection=clip(headers.get("Connection")),

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from ..observability.logs import LogFormat
 from ..protocol.stream import StartAck
 from ..protocol.tokens import STREAM_TOKEN_PARAMETER
-from ..recording.sinks import PARTIAL_DIR
+from ..recording.layout import PARTIAL_DIR
 
 StreamMode = Literal["connect", "start"]
 ForkTrack = Literal["inbound_track", "outbound_track", "both_tracks"]

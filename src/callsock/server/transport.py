@@ -22,8 +22,8 @@ from typing import Any, Final, Protocol
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from ..protocol.codes import CloseCode
 from ..protocol.errors import (
-    CLOSE_NORMAL,
     CallEnded,
     FramingError,
     IdleTimeout,
@@ -274,7 +274,7 @@ class WebSocketTransport:
         if self.receiver is not None:
             self.receiver.peer_closed(code)
         else:
-            self.close(code or CLOSE_NORMAL, "")
+            self.close(code or CloseCode.NORMAL, "")
 
     def _flush(self) -> None:
         # Frames written while one read is handled, or during one turn of the event loop, leave

@@ -28,7 +28,9 @@ from aiohttp import hdrs, web
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, Start, Stream, VoiceResponse
 
-from ..protocol.tokens import STREAM_TOKEN_PARAMETER, stream_token
+from ..protocol.errors import PolicyViolation
+from ..protocol.stream import StreamInfo
+from ..protocol.tokens import STREAM_TOKEN_PARAMETER, TOKEN_FIELD, stream_token, token_matches
 from .settings import ProxyNetwork, Settings, proxy_networks
 
 __all__ = [
@@ -36,9 +38,12 @@ __all__ = [
     "BadForm",
     "BadHost",
     "candidate_urls",
+    "cannot_replace",
     "form_params",
     "is_local",
     "is_signed",
+    "proves_call",
+    "signature_for",
     "stream_url",
     "twiml",
 ]
@@ -274,3 +279,46 @@ def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def signature_for(auth_token: str, url: str, params: Mapping[str, str]) -> str:
+    """The ``X-Twilio-Signature`` Twilio would send for ``url`` and POST ``params``.
+
+    Twilio signs each webhook and each Media Streams upgrade with HMAC-SHA1 of the URL it
+    requested followed by the sorted POST parameters, keyed with the Auth Token (Twilio docs,
+    "Webhooks security"); for a WebSocket, the ``wss://`` URL it dialed and no parameters.
+    """
+    return str(RequestValidator(auth_token).compute_signature(url, dict(params)))
+
+
+def proves_call(settings: Settings, stream: StreamInfo) -> bool:
+    """Whether a ``start`` proves the call it names, so that it may take the call over.
+
+    Without an auth token there is nothing to prove against: every start may, as before stream
+    tokens. With one, a start carrying the call's token (:mod:`callsock.protocol.tokens`) proves
+    it; a start with no token is accepted but may not replace a live connection (unless
+    ``--require-signature`` makes the token mandatory). A seed-dialect start without a callSid
+    has nothing a token could cover.
+
+    Raises:
+        PolicyViolation: rule ``stream-token``: the token is wrong, has no callSid to match, or
+            is missing under ``--require-signature``.
+    """
+    if not settings.auth_token:
+        return True
+    token = stream.stream_token
+    if token is None:
+        if settings.require_signature:
+            raise PolicyViolation("stream-token", TOKEN_FIELD, "no stream token (--require-signature)")
+        return False
+    if stream.call_sid is None:
+        raise PolicyViolation("stream-token", "start.callSid", "a stream token needs a callSid")
+    if not token_matches(settings.auth_token, stream.call_sid, token):
+        raise PolicyViolation("stream-token", TOKEN_FIELD, "stream token does not match the callSid")
+    return True
+
+
+def cannot_replace() -> PolicyViolation:
+    """The refusal of a start without the call's token, for a call another connection holds."""
+    detail = "only the call's stream token may replace its connection"
+    return PolicyViolation("stream-token", TOKEN_FIELD, detail)

@@ -29,7 +29,7 @@ import aiohttp
 from ..call.audio import load_wav, pcm_to_mulaw
 from ..call.outbound import FRAME_BYTES
 from ..protocol.g711 import MULAW_SILENCE, SAMPLE_RATE, ulaw_to_pcm16
-from ..server.signatures import signature_for
+from ..server.twilio import signature_for
 from .twilio_side import Caller, Dialect
 
 __all__ = ["SimulationConfig", "SimulationReport", "simulate", "write_reply"]

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from ..server.signatures import signature_for
+from ..server.twilio import signature_for
 from .twilio_side import Caller, Dialect
 
 __all__ = ["VERIFY_PARAMETER", "Check", "VerifyConfig", "verify"]
