@@ -42,4 +42,4 @@ api.router.routes.append(WebSocketRoute("/call", calls))
 @api.get("/status")
 async def status() -> dict[str, Any]:
     """Liveness and load of the call service: open calls and connections, uptime."""
-    return calls.service.health()
+    return calls.hub.health()
